@@ -1,0 +1,169 @@
+"""Backends behind one protocol, and the one stream every local backend shares.
+
+`Backend.stream(messages, params)` yields `Chunk`s; nothing else generates
+text. Local backends (transformers, llama.cpp) only supply tokenisation and a
+generator of token ids (`_generate`); the rendering through the chat format,
+context checks, stop tokens and strings, incremental detokenisation and
+timings live here, once. A remote backend (an OpenAI-compatible server)
+overrides `stream_prompt`/`stream` as a whole.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Callable, Iterator
+
+from ..errors import ContextLengthError
+from ..formats import ChatFormat, Message
+from .types import Chunk, SamplingParams, Stats
+
+
+class Backend(ABC):
+    name: str = "?"
+    model_name: str
+    fmt: ChatFormat
+    context_length: int
+
+    def render(self, messages: list[Message], tools: list[dict] | None = None) -> str:
+        return self.fmt.render(messages, add_generation_prompt=True, tools=tools)
+
+    def stream(self, messages: list[Message], params: SamplingParams, tools: list[dict] | None = None) -> Iterator[Chunk]:
+        """Stream the assistant's reply to `messages`. Raises ContextLengthError if the prompt does not fit."""
+        return self.stream_prompt(self.render(messages, tools), params)
+
+    @abstractmethod
+    def stream_prompt(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+        """Stream a continuation of already-rendered prompt text."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int: ...
+
+    @abstractmethod
+    def info(self) -> dict: ...
+
+
+class LocalBackend(Backend):
+    """A backend that runs the model in this process, token by token."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of rendered text, special tokens parsed, BOS as the model expects."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids with special tokens left out."""
+
+    @abstractmethod
+    def token_id(self, token: str) -> int | None:
+        """Id of one special token string, or None if the vocabulary lacks it."""
+
+    @abstractmethod
+    def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        """Yield sampled token ids, at most `max_new`; closing the generator stops work."""
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def stop_ids(self) -> set[int]:
+        ids = {self.token_id(s) for s in self.fmt.stop}
+        return {i for i in ids if i is not None} | set(getattr(self, "extra_stop_ids", ()))
+
+    def check_fits(self, n_prompt: int) -> None:
+        if n_prompt >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt is {n_prompt} tokens but {self.model_name}'s context is {self.context_length} tokens: "
+                "shorten the prompt or the history"
+            )
+
+    def stream_prompt(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+        params.validate()
+        t0 = time.perf_counter()
+        ids = self.encode(prompt)
+        self.check_fits(len(ids))
+        return self._stream_ids(ids, params, t0)
+
+    def _stream_ids(self, ids: list[int], params: SamplingParams, t0: float) -> Iterator[Chunk]:
+        max_new = min(params.max_tokens, self.context_length - len(ids))
+        stops = self.stop_ids()
+        detok = IncrementalDetokenizer(self.decode)
+        guard = StopStrings(params.stop)
+        stats = Stats(prompt_tokens=len(ids))
+        finish, hit = "length", False
+        t_first = t_last = None
+        gen = self._generate(ids, params, max_new)
+        try:
+            for tok in gen:
+                t_last = time.perf_counter()
+                if t_first is None:
+                    t_first = t_last
+                if tok in stops:
+                    finish = "stop"
+                    break
+                stats.completion_tokens += 1
+                text, hit = guard.feed(detok.add(tok))
+                yield Chunk(text=text, token_ids=[tok])
+                if hit:
+                    finish = "stop"
+                    break
+            else:
+                if stats.completion_tokens < max_new:
+                    finish = "stop"  # the backend ended on its own end-of-generation token
+        finally:
+            gen.close()
+        tail = "" if hit else guard.flush()
+        now = time.perf_counter()
+        stats.ttft_s = (t_first or now) - t0
+        stats.prompt_s = stats.ttft_s
+        stats.decode_s = (t_last or now) - (t_first or now)
+        stats.total_s = now - t0
+        yield Chunk(text=tail, finish_reason=finish, stats=stats)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of ids into text deltas without splitting characters or words.
+
+    Decodes a small window (prefix offset .. end) and emits only the new part,
+    holding back while the window ends in an incomplete UTF-8 sequence. This is
+    the offset scheme of Hugging Face's text-generation-inference.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def add(self, tok: int) -> str:
+        self.ids.append(tok)
+        before = self.decode(self.ids[self.prefix : self.read])
+        now = self.decode(self.ids[self.prefix :])
+        if now.endswith("\ufffd") or len(now) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before) :]
+
+
+class StopStrings:
+    """Holds back text that might be the start of a stop string; reports a hit."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        if not self.stops:
+            return delta, False
+        self.pending += delta
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

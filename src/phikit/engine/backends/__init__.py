@@ -1,0 +1,1 @@
+"""In-process backends (transformers, llama.cpp); each module imports its heavy library lazily."""

@@ -1,0 +1,98 @@
+"""Plain records of the engine: sampling parameters, stream chunks, joined results."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # extra stop strings, never printed
+
+    def validate(self) -> "SamplingParams":
+        from ..errors import PhikitError
+
+        if self.max_tokens < 1:
+            raise PhikitError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise PhikitError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PhikitError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise PhikitError(f"top_k must be >= 0, got {self.top_k}")
+        return self
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0  # request start to first token
+    prompt_s: float = 0.0  # prompt processing (prefill) time
+    decode_s: float = 0.0  # first token to last token
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        # Decode rate, the figure people compare: tokens after the first over the time they took.
+        n = self.completion_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass
+class Chunk:
+    """One step of a stream: a text delta and the token ids behind it.
+
+    The last chunk of a stream has `finish_reason` ("stop" | "length" |
+    "cancelled" | ...) and `stats` set, and usually empty text.
+    """
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: Stats | None = None
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    tokens_per_s: float
+    total_s: float
+    model: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+def join(chunks, model: str) -> Result:
+    """Drain a stream of Chunks into one Result."""
+    parts: list[str] = []
+    last = Chunk(finish_reason="stop", stats=Stats())
+    for c in chunks:
+        parts.append(c.text)
+        if c.finish_reason is not None:
+            last = c
+    s = last.stats or Stats()
+    return Result(
+        text="".join(parts),
+        finish_reason=last.finish_reason or "stop",
+        prompt_tokens=s.prompt_tokens,
+        completion_tokens=s.completion_tokens,
+        ttft_s=round(s.ttft_s, 4),
+        tokens_per_s=round(s.tokens_per_s, 2),
+        total_s=round(s.total_s, 4),
+        model=model,
+    )

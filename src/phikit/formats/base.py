@@ -1,0 +1,146 @@
+"""The chat format: one object per model family.
+
+It alone knows the special tokens, how messages render to text, which tokens
+stop generation, what the pad token must be for training, and how a rendered
+conversation splits into prompt and trainable completion. Inference, training
+data, the server and export all ask it, so train and serve cannot disagree
+about the template (the bug class behind fine-tunes that "never stop").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ..errors import DataError
+
+Message = dict[str, Any]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    name: str
+    #: special-token strings; generation stops on any of them.
+    stop: tuple[str, ...]
+    #: every special token string this format uses (never printed to users).
+    specials: tuple[str, ...]
+    #: pad token to use for training; must differ from every stop token.
+    pad: str | None = None
+    #: system prompt the model's own template inserts when none is given.
+    default_system: str | None = None
+    #: how the family declares tools: "json-system" (a JSON list in the system
+    #: prompt, JSON calls back) or a format-specific scheme named by a subclass.
+    tool_style: str = "json-system"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    # -- rendering ---------------------------------------------------------
+    def turn(self, role: str, content: str) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def generation_prompt(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def system_with_tools(self, system: str, tools: list[dict]) -> str:
+        """System prompt text carrying the tool declarations (JSON list by default)."""
+        decl = json.dumps([_tool_decl(t) for t in tools], ensure_ascii=False)
+        lead = (system + "\n\n") if system else ""
+        return (
+            f"{lead}You can call these tools. To call one, answer with only a JSON list "
+            f'[{{"name": ..., "arguments": {{...}}}}] and nothing else.\nTools: {decl}'
+        )
+
+    def render(
+        self,
+        messages: Iterable[Message],
+        add_generation_prompt: bool = False,
+        tools: list[dict] | None = None,
+    ) -> str:
+        """Render messages to the exact text the model was trained on.
+
+        `tools` are OpenAI-style schemas (`{"type": "function", "function": {...}}`
+        or the bare function object). Raises DataError on an unknown role or a
+        non-string content.
+        """
+        msgs = self.normalise(messages)
+        if tools:
+            if msgs and msgs[0]["role"] == "system":
+                msgs[0] = {**msgs[0], "content": self.system_with_tools(msgs[0]["content"], tools)}
+            else:
+                msgs.insert(0, {"role": "system", "content": self.system_with_tools(self.default_system or "", tools)})
+        out = "".join(self.turn(m["role"], m["content"]) for m in msgs)
+        return out + (self.generation_prompt() if add_generation_prompt else "")
+
+    def normalise(self, messages: Iterable[Message]) -> list[Message]:
+        msgs: list[Message] = []
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if role not in ROLES:
+                raise DataError(f"message {i}: role must be one of {', '.join(ROLES)}, got {role!r}")
+            content = m.get("content")
+            if content is None and m.get("tool_calls"):
+                content = self.render_tool_calls(m["tool_calls"])
+            if content is None:
+                content = ""
+            if isinstance(content, list):  # OpenAI content parts: keep the text parts
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if not isinstance(content, str):
+                raise DataError(f"message {i}: content must be a string, got {type(content).__name__}")
+            msgs.append({"role": role, "content": content})
+        if self.default_system is not None and (not msgs or msgs[0]["role"] != "system"):
+            msgs.insert(0, {"role": "system", "content": self.default_system})
+        return msgs
+
+    def render_tool_calls(self, calls: list[dict]) -> str:
+        """Text of an assistant turn that made these calls (JSON list by default)."""
+        return json.dumps([_call_json(c) for c in calls], ensure_ascii=False)
+
+    # -- training ----------------------------------------------------------
+    def training_segments(self, messages: Iterable[Message]) -> list[tuple[str, bool]]:
+        """Split a conversation into (text, trainable) pieces.
+
+        Each assistant turn's content plus its end-of-turn marker is trainable;
+        everything else (system, user, tool turns and the assistant prompt) is
+        not. Joined, the pieces equal `render(messages)` byte for byte.
+        """
+        msgs = self.normalise(messages)
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prefix = self._render_normalised(msgs[:i]) + self.generation_prompt()
+            full = self._render_normalised(msgs[: i + 1])
+            assert prefix.startswith(done) and full.startswith(prefix), "format is not prefix-stable"
+            segments.append((prefix[len(done):], False))
+            segments.append((full[len(prefix):], True))
+            done = full
+        rest = self._render_normalised(msgs)[len(done):]
+        if rest:
+            segments.append((rest, False))
+        return [s for s in segments if s[0]]
+
+    def _render_normalised(self, msgs: list[Message]) -> str:
+        return "".join(self.turn(m["role"], m["content"]) for m in msgs)
+
+    def strip_specials(self, text: str) -> str:
+        for s in self.specials:
+            text = text.replace(s, "")
+        return text
+
+
+def _tool_decl(tool: dict) -> dict:
+    fn = tool.get("function", tool)
+    return {k: fn[k] for k in ("name", "description", "parameters") if k in fn}
+
+
+def _call_json(call: dict) -> dict:
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    return {"name": fn.get("name"), "arguments": args}

@@ -1,0 +1,93 @@
+"""Loading a model for the transformers backend: HF directory, hub id or GGUF;
+16-bit or NF4 (bitsandbytes, double quantisation, bf16 compute); CPU or CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DeviceError, MissingDependencyError, ModelFilesError, ModelNotFoundError, require
+from .registry import ModelSpec
+
+QUANTS = ("none", "nf4")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' | 'cpu' | 'cuda' -> a torch device string; DeviceError when CUDA is asked for and absent."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise DeviceError(f"unknown device {device!r}: use cpu, cuda or auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for but no CUDA GPU is visible to PyTorch: use --device cpu (or auto)")
+    return device
+
+
+def nf4_config():
+    """The tutorials' 4-bit recipe: NF4, double quantisation, bf16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        require("bitsandbytes", why="--quant nf4 needs bitsandbytes")
+    except MissingDependencyError as e:
+        raise DeviceError(str(e)) from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def _source(spec: ModelSpec) -> tuple[str, dict]:
+    if spec.gguf_file:
+        p = Path(spec.gguf_file)
+        return str(p.parent), {"gguf_file": p.name}
+    if spec.path:
+        return spec.path, {}
+    if spec.hub_id:
+        # Not on this machine: let transformers fetch it (works with a network; offline it fails below).
+        return spec.hub_id, {}
+    raise ModelNotFoundError(f"no weights found for {spec.name}")
+
+
+def load_hf(spec: ModelSpec, quant: str = "none", device: str = "auto", dtype: str | None = None):
+    """Load (model, tokenizer, device) with transformers. Raises PhikitError subclasses on bad input."""
+    if quant not in QUANTS:
+        raise DeviceError(f"unknown quantisation {quant!r}: use one of {', '.join(QUANTS)}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    src, extra = _source(spec)
+    kwargs: dict = dict(extra)
+    if quant == "nf4":
+        if spec.gguf_file:
+            raise DeviceError("--quant nf4 loads Hugging Face weights; a GGUF file is already quantised: use --quant none")
+        kwargs["quantization_config"] = nf4_config()
+        kwargs["device_map"] = {"": dev}
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        # bf16 on GPU; fp32 on CPU, where bf16 matmuls are slower than fp32 on most chips.
+        kwargs["dtype"] = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **extra)
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except OSError as e:
+        if spec.path or spec.gguf_file:
+            raise ModelFilesError(f"could not load {src}: {e}") from None
+        raise ModelNotFoundError(
+            f"{spec.name} ({spec.hub_id}) is not on this machine and could not be downloaded ({str(e).splitlines()[0]}). "
+            f"With a network: `hf download {spec.hub_id}`; otherwise copy the model to a directory and pass its path "
+            "(or set PHIKIT_MODELS to a folder holding it under this name)."
+        ) from None
+    except (ImportError, RuntimeError) as e:
+        if quant == "nf4":
+            raise DeviceError(f"--quant nf4 could not run here: {e}. Use --quant none") from None
+        raise
+    if quant == "none":
+        model.to(dev)
+    model.eval()
+    return model, tok, dev

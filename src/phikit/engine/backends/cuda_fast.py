@@ -1,0 +1,224 @@
+"""Fast batch-1 decoding for the transformers backend on CUDA.
+
+The stock loop (hf.py) runs the model eagerly with a DynamicCache: every
+token pays ~1,000 kernel launches from Python and a cache that grows by
+concatenation. This path keeps the same model and the same `_generate`
+contract but
+  - holds a transformers StaticCache (fixed addresses, fixed shapes),
+  - runs the one-token decode step through torch.compile (fuses the small
+    element-wise kernels) and captures it once in a CUDA graph, so a step
+    is: write the token id into a device buffer, replay,
+  - prefills the prompt in fixed 128-token chunks through a second captured
+    graph (any prompt length, no recompiles; the last chunk is padded).
+A 4-bit variant is the same path over a model whose linear layers were
+swapped for `kernels.int4.Int4Linear` (tinygemm).
+
+The KV cache is sized in buckets (powers of two from 512): attention reads
+the whole static cache every step, so a cache much longer than the request
+costs bandwidth. Each bucket is compiled and captured once, on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Iterator
+
+from ..sampling import sample
+from ..types import SamplingParams
+
+MIN_BUCKET = 512
+
+
+def fast_path_unavailable(model, device: str) -> str | None:
+    """Why the CUDA fast path cannot serve `model` on `device`, or None if it can."""
+    if os.environ.get("PHIKIT_FAST_DECODE", "1") == "0":
+        return "disabled by PHIKIT_FAST_DECODE=0"
+    if not str(device).startswith("cuda"):
+        return "not on CUDA"
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return "bitsandbytes layers are not captured in CUDA graphs here; use int4 weights (kernels.int4) instead"
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False:
+        # a sliding-window StaticCache changes the mask per step in ways this path does not check
+        if cfg.sliding_window < getattr(cfg, "max_position_embeddings", 0):
+            return "sliding-window attention is not supported by the fast path"
+    return None
+
+
+class StaticDecoder:
+    """One StaticCache of `max_cache_len` positions, its captured decode step and captured prefill chunk (batch 1).
+
+    Prefill runs in fixed chunks of `prefill_chunk` tokens (the last one
+    padded), each a replay of one captured graph, so time to first token is
+    GPU time rather than ~1,000 eager launches. Padding writes junk past the
+    prompt; the cache's length counter is then set back to the prompt length,
+    so that junk is masked and overwritten by the following steps.
+    `prefill_chunk=None` prefills eagerly in one call.
+    """
+
+    def __init__(self, model, max_cache_len: int, *, compile: bool = True, cuda_graph: bool | None = None,
+                 prefill_chunk: int | None = 128):
+        import torch
+        from transformers import StaticCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.max_cache_len = int(max_cache_len)
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_cache_len)
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        self._ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile else (lambda f: f)
+        # dynamic=False: one specialised graph per bucket; shapes never change inside a bucket.
+        self._step_fn = wrap(self._step)
+        self._graph = self._logits = None
+        self._chunk_graph = self._chunk_logits = None
+        with torch.no_grad():
+            # allocates the cache tensors at the addresses the graphs will use
+            self.model(input_ids=self._ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            counters = [getattr(layer, "cumulative_length", None) for layer in getattr(self.cache, "layers", [])]
+            if not counters or not all(isinstance(c, torch.Tensor) for c in counters):
+                prefill_chunk = None  # a transformers without device-side cache counters: prefill eagerly
+            self.chunk = prefill_chunk if prefill_chunk and prefill_chunk <= self.max_cache_len else None
+            if self.chunk:
+                self._chunk_ids = torch.zeros((1, self.chunk), dtype=torch.long, device=self.device)
+                self._last = torch.zeros((1,), dtype=torch.long, device=self.device)
+                self._chunk_fn = wrap(self._chunk_step)
+            if self.cuda_graph:
+                self._graph, self._logits = self._capture(self._step_fn, self._ids)
+                if self.chunk:
+                    self._chunk_graph, self._chunk_logits = self._capture(self._chunk_fn, self._chunk_ids, self._last)
+
+    def _step(self, ids):
+        # Positions come from the cache's own device-side length counter (transformers >= 5), so the
+        # captured graph needs no position input: each replay writes the next slot and advances it.
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1, :]
+
+    def _chunk_step(self, ids, last):
+        # logits_to_keep as an index tensor: only the last real token of the chunk reaches the head
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=last)
+        return out.logits[:, -1, :]
+
+    def _capture(self, fn, *args):
+        import torch
+
+        # Warm up (compile, autotune, allocator) on a side stream, as graph capture requires; the
+        # steps advance the cache, which every prefill resets.
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn(*args)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(*args)
+        return graph, out
+
+    def _prefill(self, prompt_ids: list[int]):
+        import torch
+
+        self.cache.reset()  # in place: zeroes the tensors and the length counters, keeps the addresses
+        n, c = len(prompt_ids), self.chunk
+        if not c or -(-n // c) * c > self.max_cache_len:  # no chunks, or the padded last chunk would not fit
+            ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+            return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = None
+        for start in range(0, n, c):
+            part = prompt_ids[start : start + c]
+            self._chunk_ids.copy_(torch.tensor([part + [0] * (c - len(part))], dtype=torch.long))
+            self._last.fill_(len(part) - 1)
+            if self._chunk_graph is not None:
+                self._chunk_graph.replay()
+                logits = self._chunk_logits[0]
+            else:
+                logits = self._chunk_fn(self._chunk_ids, self._last)[0]
+        if n % c:
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(n)
+        return logits
+
+    def _decode(self, tok: int):
+        self._ids.fill_(tok)
+        if self._graph is not None:
+            self._graph.replay()
+            return self._logits[0]
+        return self._step_fn(self._ids)[0]
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        """Yield up to `max_new` sampled ids after `prompt_ids`; needs len(prompt_ids) + max_new <= max_cache_len."""
+        import torch
+
+        n = len(prompt_ids)
+        if n + max_new > self.max_cache_len:
+            raise ValueError(f"{n} prompt + {max_new} new tokens do not fit a {self.max_cache_len}-position cache")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        # no_grad per call, never across a yield: the caller's grad mode stays its own
+        with torch.no_grad():
+            logits = self._prefill(prompt_ids)
+        for i in range(max_new):
+            tok = sample(logits, params, gen)
+            yield tok
+            if i + 1 == max_new:
+                return
+            with torch.no_grad():
+                logits = self._decode(tok)
+
+
+def bucket_for(n_tokens: int, limit: int) -> int:
+    """Smallest power of two >= n_tokens (at least MIN_BUCKET), capped at `limit`."""
+    b = MIN_BUCKET
+    while b < n_tokens:
+        b *= 2
+    return min(b, limit)
+
+
+class CudaFastPath:
+    """What HFBackend holds: StaticDecoders by cache bucket, built on first use; one request at a time.
+
+    `generate` returns None when this path cannot take the request (too long
+    for the context, a JSON-schema constraint, or another request is
+    streaming from it): the caller then uses its stock loop.
+    """
+
+    def __init__(self, model, context_length: int, *, compile: bool = True, prefill_chunk: int | None = 128):
+        self.model = model
+        self.context_length = int(context_length)
+        self.compile = compile
+        self.prefill_chunk = prefill_chunk
+        self.decoders: dict[int, StaticDecoder] = {}
+        self.disabled: str | None = None  # why the path gave up (set once; then every request uses the stock loop)
+        self._lock = threading.Lock()
+
+    def decoder(self, n_tokens: int) -> StaticDecoder:
+        b = bucket_for(n_tokens, self.context_length)
+        if b not in self.decoders:
+            self.decoders[b] = StaticDecoder(self.model, b, compile=self.compile, prefill_chunk=self.prefill_chunk)
+        return self.decoders[b]
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int] | None:
+        need = len(prompt_ids) + max_new
+        if getattr(params, "json_schema", None) is not None:
+            return None  # constrained decoding masks logits per step: the stock loop does that
+        if self.disabled or need > self.context_length or self._lock.locked():
+            return None
+        try:
+            dec = self.decoder(need)
+        except Exception as e:  # e.g. a model whose forward torch.compile cannot take whole (data-dependent rope)
+            self.disabled = f"{type(e).__name__}: {e}"
+            warnings.warn(f"phikit: the CUDA fast decode path is off for this model, using the stock loop ({self.disabled[:300]})")
+            return None
+        return self._locked(dec, prompt_ids, params, max_new)
+
+    def _locked(self, dec: StaticDecoder, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        # Taken on the first next(), so a stream that is never started holds nothing.
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("the CUDA fast path is already streaming another request")
+        try:
+            yield from dec.generate(prompt_ids, params, max_new)
+        finally:
+            self._lock.release()

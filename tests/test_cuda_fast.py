@@ -1,0 +1,176 @@
+"""The CUDA fast decode path: int4 quantisation math, and the static-cache decoder against the stock loop.
+
+CPU tests run the same StaticDecoder eagerly (no compile, no CUDA graph) and
+the int4 layers through their dequantise fallback; the GPU tests (marked
+`gpu`) run tinygemm, torch.compile and graph capture for real.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from phikit.engine.backends.cuda_fast import CudaFastPath, StaticDecoder, bucket_for, fast_path_unavailable
+from phikit.engine.kernels.int4 import (
+    Int4Linear,
+    can_quantize,
+    dequantize_int4,
+    dequantize_model_reference,
+    pack_nibbles,
+    quantize_int4,
+    quantize_model_int4,
+    unpack_nibbles,
+)
+from phikit.engine.types import SamplingParams
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine); CI is CPU-only")
+
+
+def test_int4_round_trip_error_is_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * torch.linspace(0.01, 3, 256)  # groups of very different ranges
+    q, scale, zero = quantize_int4(w, 128)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    assert scale.shape == zero.shape == (16, 2)
+    back = dequantize_int4(q, scale, zero, 128).float()
+    step = scale.float().repeat_interleave(128, dim=1)
+    # half a quantisation step, plus bf16 rounding of the result (2^-8 relative)
+    assert ((back - w).abs() <= step / 2 + w.abs() * 2**-8 + 1e-6).all()
+    # a tensor whose groups are constant survives exactly (up to bf16)
+    c = torch.full((8, 128), 0.75)
+    assert torch.equal(dequantize_int4(*quantize_int4(c, 128), 128).float(), c)
+
+
+def test_nibble_packing_round_trips_with_even_column_high():
+    q = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    p = pack_nibbles(q)
+    assert p.shape == (8, 32)
+    assert int(p[0, 0]) == int(q[0, 0]) * 16 + int(q[0, 1])
+    assert torch.equal(unpack_nibbles(p), q)
+
+
+def test_int4_linear_on_cpu_equals_linear_over_dequantised_weight():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(256, 24, bias=True)
+    q = Int4Linear(lin.weight, lin.bias, 128)
+    x = torch.randn(2, 3, 256)
+    want = torch.nn.functional.linear(x, dequantize_int4(*quantize_int4(lin.weight, 128), 128).float(), lin.bias)
+    assert torch.allclose(q(x), want, atol=1e-5)
+    assert not can_quantize(torch.nn.Linear(64, 8))  # K too small for tinygemm's tiles: left alone
+
+
+def _stock_tokens(model, prompt, n):
+    """phikit's stock loop (HFBackend._generate) over `model`: the reference."""
+    import types
+
+    from phikit.engine.backends.hf import HFBackend
+
+    ns = types.SimpleNamespace(model=model, device=str(next(model.parameters()).device))
+    return list(HFBackend._generate(ns, prompt, SamplingParams(temperature=0, max_tokens=n), n))
+
+
+@pytest.fixture(scope="module")
+def tiny128():
+    """A tiny random Phi-4-mini-shaped model (tied head, partial rotary) whose linears tinygemm can take (hidden 128).
+
+    A small vocabulary keeps the CPU test fast; the real special-token layout does not matter here.
+    """
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, partial_rotary_factor=0.75,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("chunk", [16, None])
+def test_static_decoder_matches_stock_loop_greedy_and_is_reusable(tiny128, chunk):
+    dec = StaticDecoder(tiny128, 64, compile=False, cuda_graph=False, prefill_chunk=chunk)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    # one padded chunk, two chunks with padding, exactly two chunks; later requests reuse (reset) the cache
+    for prompt in ([5, 17, 300, 4000, 12], list(range(100, 120)), list(range(7, 39))):
+        want = _stock_tokens(tiny128, prompt, 8)
+        assert list(dec.generate(prompt, params, 8)) == want
+    with pytest.raises(ValueError):
+        list(dec.generate(list(range(60)), params, 10))
+    if chunk:  # a prompt whose padded last chunk would overrun the cache (50 -> 64 > 60) is prefilled eagerly
+        odd = StaticDecoder(tiny128, 60, compile=False, cuda_graph=False, prefill_chunk=chunk)
+        assert list(odd.generate(list(range(1, 51)), params, 4)) == _stock_tokens(tiny128, list(range(1, 51)), 4)
+
+
+def test_static_decoder_sampling_is_seeded(tiny128):
+    dec = StaticDecoder(tiny128, 64, compile=False, cuda_graph=False)
+    p = SamplingParams(temperature=1.0, top_k=50, seed=7, max_tokens=10)
+    a = list(dec.generate([1, 2, 3], p, 10))
+    assert a == list(dec.generate([1, 2, 3], p, 10))
+    assert len(a) == 10
+
+
+def test_int4_model_decodes_like_the_stock_loop_over_dequantised_weights(tiny128):
+    qmodel = quantize_model_int4(copy.deepcopy(tiny128))
+    assert isinstance(qmodel.lm_head, Int4Linear)  # the tied head is quantised too...
+    assert isinstance(qmodel.get_input_embeddings(), torch.nn.Embedding)  # ...the lookup table stays dense
+    ref = dequantize_model_reference(copy.deepcopy(tiny128))
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    got = list(StaticDecoder(qmodel, 32, compile=False, cuda_graph=False, prefill_chunk=16).generate(prompt, SamplingParams(temperature=0), 6))
+    assert got == _stock_tokens(ref, prompt, 6)
+
+
+def test_fast_path_declines_what_it_cannot_take(tiny128, monkeypatch):
+    assert fast_path_unavailable(tiny128, "cpu") == "not on CUDA"
+    monkeypatch.setenv("PHIKIT_FAST_DECODE", "0")
+    assert "disabled" in fast_path_unavailable(tiny128, "cuda")
+    monkeypatch.delenv("PHIKIT_FAST_DECODE")
+    assert bucket_for(10, 4096) == 512 and bucket_for(513, 4096) == 1024 and bucket_for(9000, 4096) == 4096
+    path = CudaFastPath(tiny128, context_length=64, compile=False, prefill_chunk=16)
+    assert path.generate(list(range(60)), SamplingParams(temperature=0), 10) is None  # over the context: stock loop
+    it = path.generate([1, 2], SamplingParams(temperature=0), 3)
+    first = next(it)
+    assert path.generate([1, 2], SamplingParams(temperature=0), 3) is None  # busy: a second stream goes to the stock loop
+    assert len([first, *it]) == 3
+    assert path.generate([1, 2], SamplingParams(temperature=0), 3) is not None  # released once drained
+
+
+def test_fast_path_falls_back_for_good_when_the_decoder_cannot_be_built(tiny128, monkeypatch):
+    import phikit.engine.backends.cuda_fast as cf
+
+    def broken(*a, **k):
+        raise RuntimeError("data-dependent branch in rope")
+
+    monkeypatch.setattr(cf, "StaticDecoder", broken)
+    path = CudaFastPath(tiny128, context_length=64, compile=False)
+    with pytest.warns(UserWarning, match="stock loop"):
+        assert path.generate([1, 2], SamplingParams(temperature=0), 3) is None
+    assert "rope" in path.disabled
+    assert path.generate([1, 2], SamplingParams(temperature=0), 3) is None
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_tinygemm_layer_matches_dequantised_weight_on_gpu():
+    torch.manual_seed(2)
+    for n, k in ((384, 256), (1024, 3072)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        lin = Int4Linear(w)
+        ref_w = dequantize_int4(*quantize_int4(w, 128), 128).double()
+        for m in (1, 7):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            want = x.double() @ ref_w.T
+            err = float((lin(x).double() - want).norm() / want.norm())
+            assert err < 1e-2, (n, k, m, err)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graph_decoder_matches_stock_loop_on_gpu(tiny128):
+    model = copy.deepcopy(tiny128).to("cuda", torch.bfloat16)
+    prompt = [5, 17, 300, 4000, 12]
+    want = _stock_tokens(model, prompt, 16)
+    dec = StaticDecoder(model, 64)  # compile + CUDA graph
+    assert list(dec.generate(prompt, SamplingParams(temperature=0), 16)) == want
+    qmodel = quantize_model_int4(copy.deepcopy(model))
+    got = list(StaticDecoder(qmodel, 64).generate(prompt, SamplingParams(temperature=0), 16))
+    assert got == _stock_tokens(dequantize_model_reference(model), prompt, 16)

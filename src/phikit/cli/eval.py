@@ -1,0 +1,127 @@
+"""phikit eval squad2 | gsm8k | report: measure a model, score predictions, compare runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import add_model_args
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
+
+    sq = sub.add_parser("squad2", help="SQuAD 2.0 with the grounded prompt (or score a predictions file)",
+                        description="Run a model on SQuAD 2.0 data with the grounded prompt and score it as the official "
+                        "script does, plus abstention, hallucination and speed; or, with --predictions, score a "
+                        "{qid: answer} file and print the official script's output.")
+    sq.add_argument("--data", required=True, help="SQuAD 2.0 JSON file")
+    sq.add_argument("--predictions", default=None, help="score this {qid: answer} JSON file; no model is run")
+    sq.add_argument("--context", choices=["gold", "retrieved"], default="gold", help="the question's paragraph, or chunks from --store")
+    sq.add_argument("--store", default=None, help="RAG store directory (with --context retrieved)")
+    sq.add_argument("-k", type=int, default=4, help="chunks to retrieve (with --context retrieved)")
+    _common(sq, max_tokens=64)
+
+    gs = sub.add_parser("gsm8k", help="GSM8K maths accuracy", description="Run a model on GSM8K problems; accuracy by exact numeric answer.")
+    gs.add_argument("--data", required=True, help="GSM8K JSONL file (question, answer ending in '#### n')")
+    gs.add_argument("--reason", action="store_true", help="add the step-by-step reasoning instruction")
+    _common(gs, max_tokens=384)
+
+    rp = sub.add_parser("report", help="side-by-side HTML + Markdown report of results files",
+                        description="Compare results files (the first is the baseline): metrics with deltas, plots, changed items.")
+    rp.add_argument("results", nargs="+", help="results JSON files written by `phikit eval ... --out`")
+    rp.add_argument("--out", default="report.html", help="HTML file to write; the Markdown goes beside it (.md)")
+    rp.add_argument("--samples", type=int, default=10, help="changed items to show per direction")
+
+
+def _common(p, max_tokens: int) -> None:
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--out", default=None, help="results JSON file (meta, metrics, per-item records)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (the default, for reproducible scores)")
+    g.add_argument("--seed", type=int, default=0)
+    add_model_args(p)
+
+
+def run(args) -> int:
+    return {"squad2": _squad2, "gsm8k": _gsm8k, "report": _report}[args.eval_task](args)
+
+
+def _squad2(args) -> int:
+    from ..eval import squad
+    from ..eval.runner import write_json
+
+    if args.predictions:
+        return _score_file(args)
+    model = _load(args)
+    res = squad.evaluate(model, args.data, limit=args.limit, context=args.context, store=args.store, k=args.k,
+                         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, progress=not args.no_progress)
+    if args.out:
+        write_json(args.out, res)
+    _print_metrics(res["metrics"], squad.OFFICIAL_KEYS + ("abstain_precision", "abstain_recall", "hallucination_rate",
+                                                          "unsupported_answer_rate", "latency_p50_s", "latency_p95_s", "tokens_per_s"))
+    return 0
+
+
+def _score_file(args) -> int:
+    """The official script's output on stdout, exactly; --out adds the extra metrics and records."""
+    from pathlib import Path
+
+    from ..errors import DataError
+    from ..eval import squad
+    from ..eval.runner import meta, write_json
+
+    p = Path(args.predictions)
+    try:
+        preds = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such predictions file") from None
+    except ValueError as e:
+        raise DataError(f"{p} is not JSON ({e}); expected {{\"question id\": \"answer\", ...}}") from None
+    if not isinstance(preds, dict) or not all(isinstance(v, str) for v in preds.values()):
+        raise DataError(f"{p} must be one JSON object mapping question ids to answer strings")
+    dataset = squad.load_squad(args.data)
+    official, _, _ = squad.official_eval(dataset, preds)
+    print(json.dumps(official, indent=2))
+    if args.out:
+        metrics, records = squad.score_predictions(dataset, preds)
+        m = meta("squad2", None, args.data, None, None, None, predictions=str(p))
+        write_json(args.out, {"meta": m, "metrics": metrics, "records": records})
+    return 0
+
+
+def _gsm8k(args) -> int:
+    from ..eval import gsm8k
+    from ..eval.runner import write_json
+
+    model = _load(args)
+    res = gsm8k.evaluate(model, args.data, limit=args.limit, reason=args.reason, max_tokens=args.max_tokens,
+                         temperature=args.temperature, seed=args.seed, progress=not args.no_progress)
+    if args.out:
+        write_json(args.out, res)
+    _print_metrics(res["metrics"], ("accuracy", "correct", "total", "no_answer_rate", "truncated_rate", "latency_p50_s", "latency_p95_s", "tokens_per_s"))
+    return 0
+
+
+def _report(args) -> int:
+    from ..eval.report import write_report
+
+    html, md = write_report(args.results, args.out, samples=args.samples)
+    print(f"wrote {html} and {md}")
+    return 0
+
+
+def _load(args):
+    from .common import load_from_args
+
+    return load_from_args(args)
+
+
+def _print_metrics(metrics: dict, keys) -> None:
+    width = max(len(k) for k in keys)
+    for k in keys:
+        v = metrics.get(k)
+        if v is not None:
+            print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}", file=sys.stdout)

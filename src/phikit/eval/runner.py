@@ -1,0 +1,239 @@
+"""Running a model over evaluation items: progress, timings, metadata, results files.
+
+Every results file has the same three parts: `meta` (what was run, on what,
+with which prompt, so two files are comparable or visibly not), `metrics`
+and `records` (one per item). Generation goes through `Model.stream`, the
+project's one generation path, one item at a time: neither local backend
+batches, and per-item latency is what we want to report anyway.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..errors import PhikitError
+
+PACKAGES = ("phikit", "llama_cpp_python", "transformers", "torch", "peft", "numpy", "matplotlib")
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def meta(task: str, model, data_path: str | Path, limit: int | None, params, prompt: dict, **extra) -> dict:
+    """The record of what a run was: model, adapter, data hash, limit, seed, prompt, versions, date."""
+    info = model.info() if model is not None else {}
+    return {
+        "task": task,
+        "model": info.get("model"),
+        "model_source": info.get("source"),
+        "backend": info.get("backend"),
+        "quant": info.get("quant"),
+        "adapter": getattr(model, "adapter", None),
+        "data": str(data_path),
+        "data_sha256": sha256(data_path),
+        "limit": limit,
+        "seed": getattr(params, "seed", None),
+        "sampling": {k: getattr(params, k) for k in ("temperature", "top_p", "top_k", "max_tokens")} if params else None,
+        "prompt": prompt,
+        "packages": package_versions(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count(), "threads": info.get("threads"), "machine": platform.machine()},
+        **extra,
+    }
+
+
+def generate_all(model, message_lists: Iterable[list[dict]], params, total: int, label: str, progress: bool = True) -> Iterator[dict]:
+    """Yield, per prompt, the reply text and its timings; shows a progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..engine.types import join
+
+    cols = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)
+    # A live bar draws nothing into a log file (nohup, CI): there, print a line every 5% instead.
+    every = max(1, total // 20) if progress and not console.is_terminal else 0
+    t_start = time.perf_counter()
+    with Progress(*cols, console=console, disable=not progress or bool(every)) as bar:
+        task = bar.add_task(label, total=total)
+        for i, messages in enumerate(message_lists, 1):
+            t0 = time.perf_counter()
+            r = join(model.stream(messages, params), model.name)
+            out = {
+                "reply": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens, "ttft_s": r.ttft_s,
+                "latency_s": round(time.perf_counter() - t0, 4),
+            }
+            bar.advance(task)  # before the yield: a consumer that zips may never resume us after the last item
+            if every and (i % every == 0 or i == total):
+                print(f"{label}: {i}/{total} in {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
+            yield out
+
+
+def speed_metrics(records: list[dict]) -> dict:
+    """Latency p50/p95, mean reply length in tokens, and tokens/s over the whole run."""
+    lat = [r["latency_s"] for r in records]
+    toks = sum(r["completion_tokens"] for r in records)
+    decode_toks = sum(max(r["completion_tokens"] - 1, 0) for r in records)
+    decode_s = sum(max(r["latency_s"] - r["ttft_s"], 0.0) for r in records)
+    return {
+        "latency_p50_s": percentile(lat, 50),
+        "latency_p95_s": percentile(lat, 95),
+        "mean_reply_tokens": toks / len(records) if records else None,
+        # Decode rate (tokens after the first over their time), as engine.Stats reports it, pooled over items.
+        "tokens_per_s": decode_toks / decode_s if decode_s > 0 else None,
+        # End-to-end throughput: every generated token over all the time spent, prompt processing included.
+        "throughput_tokens_per_s": toks / sum(lat) if lat and sum(lat) > 0 else None,
+    }
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), None for no data."""
+    if not xs:
+        return None
+    if len(xs) == 1:
+        return xs[0]
+    return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1] if 0 < q < 100 else (min(xs) if q <= 0 else max(xs))
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write atomically (beside, then rename), so a crash never leaves half a file or loses the old one."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def read_results(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        d["meta"]["task"], d["metrics"], d["records"]  # noqa: B018
+    except FileNotFoundError:
+        raise PhikitError(f"{p}: no such results file") from None
+    except (ValueError, KeyError, TypeError):
+        raise PhikitError(f"{p} is not a phikit eval results file (written by `phikit eval squad2|gsm8k --out`)") from None
+    return d
+
+
+def run_squad(model, data_path: str | Path, limit: int | None = None, context: str = "gold", store: str | None = None,
+              k: int = 4, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0, progress: bool = True) -> dict:
+    """Run `model` on SQuAD 2.0 questions with THE grounded prompt; score officially and beyond.
+
+    context: "gold" (the question's paragraph) or "retrieved" (top-k chunks
+    from the RAG store `store`). An abstention (grounding.is_abstention) is
+    the empty answer. Returns {"meta", "metrics", "records"}.
+    """
+    from ..engine.types import SamplingParams
+    from ..grounding import SYSTEM, grounded_messages, is_abstention
+    from . import squad
+
+    if limit is not None and limit < 1:
+        raise PhikitError(f"--limit must be at least 1, got {limit}")
+    dataset = squad.load_squad(data_path)
+    items = squad.questions(dataset, limit)
+    retrieve = _retriever(context, store, k)
+    contexts = [q.context if retrieve is None else retrieve(q.question) for q in items]
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed).validate()
+    user_template = grounded_messages("{context}", "{question}")[1]["content"]
+    t0 = time.perf_counter()
+    gens = generate_all(model, (grounded_messages(c, q.question) for c, q in zip(contexts, items)), params, len(items), "squad2", progress)
+    records, preds = [], {}
+    for q, ctx, g in zip(items, contexts, gens):
+        reply = g["reply"].strip()
+        pred = "" if is_abstention(reply) else reply
+        preds[q.qid] = pred
+        records.append({"qid": q.qid, "title": q.title, "question": q.question, "has_answer": q.has_answer, "gold": q.golds,
+                        "reply": reply, "prediction": pred, "abstained": pred == "",
+                        "unsupported": squad.unsupported(pred, ctx), **g})
+        if retrieve is not None and q.has_answer:
+            # Could the model have answered at all? A gold answer must be in what was retrieved.
+            records[-1]["answer_retrieved"] = any(squad.normalize_answer(a) in squad.normalize_answer(ctx) for a in q.golds)
+    run_s = time.perf_counter() - t0
+    metrics = squad_metrics(dataset, records)
+    prompt = {"system": SYSTEM, "user": user_template, "abstain_maps_to": ""}
+    m = meta("squad2", model, data_path, limit, params, prompt, context=context, store=store, k=k if store else None,
+             run_s=round(run_s, 2))
+    return {"meta": m, "metrics": metrics, "records": records}
+
+
+def _retriever(context: str, store: str | None, k: int):
+    """None for gold context; else a function question -> retrieved context text (issue 4's RAG store)."""
+    if context == "gold":
+        return None
+    if context != "retrieved":
+        raise PhikitError(f"--context must be gold or retrieved, got {context!r}")
+    if not store:
+        raise PhikitError("--context retrieved needs --store DIR (a store built with `phikit rag ingest`)")
+    from ..rag import RAG
+
+    rag = RAG(store)
+
+    # Plain (uncited) grounded context: answers are scored against SQuAD spans, and the model
+    # is tuned on this very prompt; chunks are joined in rank order.
+    return lambda question: "\n\n".join(h.text for h in rag.retrieve(question, k))
+
+
+def squad_metrics(dataset: list[dict], records: list[dict]) -> dict:
+    """Official, extra and speed metrics of SQuAD records (sets each record's exact and f1)."""
+    from . import squad
+
+    preds = {r["qid"]: r["prediction"] for r in records}
+    official, exact, f1 = squad.official_eval(squad.restrict(dataset, set(preds)), preds)
+    for r in records:
+        r["exact"], r["f1"] = exact[r["qid"]], f1[r["qid"]]
+    metrics = {**official, **squad.extra_metrics(records), **speed_metrics(records)}
+    hits = [r["answer_retrieved"] for r in records if "answer_retrieved" in r]
+    if hits:
+        metrics["retrieval_answer_recall"] = sum(hits) / len(hits)
+    return metrics
+
+
+def merge_squad(parts: list[dict], data_path: str | Path) -> dict:
+    """One results dict from runs over disjoint shards of `data_path` (e.g. run in parallel).
+
+    Scores are recomputed over the union, officially; run_s is the longest shard's (wall time
+    of a parallel run); each shard's own meta is kept under meta["shards"].
+    """
+    from . import squad
+
+    dataset = squad.load_squad(data_path)
+    order = {q.qid: i for i, q in enumerate(squad.questions(dataset))}
+    records = sorted((r for p in parts for r in p["records"]), key=lambda r: order.get(r["qid"], len(order)))
+    if len({r["qid"] for r in records}) != len(records):
+        raise PhikitError("the shards overlap: a question appears in more than one results file")
+    m = {**parts[0]["meta"], "data": str(data_path), "data_sha256": sha256(data_path), "limit": None,
+         "run_s": max(p["meta"]["run_s"] for p in parts),
+         "shards": [{k: p["meta"][k] for k in ("data", "data_sha256", "run_s", "date")} for p in parts]}
+    return {"meta": m, "metrics": squad_metrics(dataset, records), "records": records}

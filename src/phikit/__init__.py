@@ -12,3 +12,12 @@ from .errors import PhikitError  # noqa: E402
 from .model import Model, load  # noqa: E402
 
 __all__ = ["load", "Model", "Chunk", "Result", "SamplingParams", "PhikitError", "__version__"]
+
+
+def __getattr__(name: str):
+    # `phikit.RAG` is imported on first use so `import phikit` stays light (issue 4).
+    if name == "RAG":
+        from .rag import RAG
+
+        return RAG
+    raise AttributeError(f"module 'phikit' has no attribute {name!r}")

@@ -57,9 +57,15 @@ def test_training_segments_join_to_render_and_train_only_the_assistant(fmt):
         assert any(stop in t for stop in fmt.stop), "the end-of-turn token must be in the labels"
 
 
-def test_pad_differs_from_every_stop_token():
+def test_pad_differs_from_the_end_of_turn_token_that_is_trained():
+    # If pad were the end-of-turn token, masking pads out of the loss would mask
+    # the end of every answer too, and the tuned model would never stop.
+    conv = SQ + [{"role": "assistant", "content": "A"}]
     for fmt in FORMATS.values():
-        assert fmt.pad not in fmt.stop
+        eot = fmt.stop[0]
+        assert fmt.pad != eot
+        trained = "".join(t for t, train in fmt.training_segments(conv) if train)
+        assert eot in trained and fmt.pad not in trained
 
 
 def test_bad_messages_are_clear_errors():

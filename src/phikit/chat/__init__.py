@@ -1,5 +1,18 @@
-"""Conversations on top of the engine (history, context trimming); tools and reasoning build here."""
+"""Chat on top of the engine: conversations, step-by-step reasoning, the tool loop and JSON output.
 
+- `Conversation`: multi-turn history kept inside the context (`send(..., reason=True)`).
+- `ask` / `stream_ask`: one question with `reason=`, `tools=` or `json_schema=`.
+- `run_tools`: the tool loop as a stream of text Chunks and ToolEvents; `collect` drains it.
+- `extract_answer`: the final answer from a reasoning (or any) reply.
+"""
+
+from .ask import ask, finish, stream_ask
 from .conversation import Conversation
+from .reasoning import REASON_PROMPT, extract_answer, parse_number, with_reasoning
+from .structured import load_schema, parse_output, with_schema
+from .tool_loop import DEFAULT_MAX_ROUNDS, ToolEvent, collect, run_tools
 
-__all__ = ["Conversation"]
+__all__ = [
+    "Conversation", "ask", "stream_ask", "finish", "run_tools", "collect", "ToolEvent", "DEFAULT_MAX_ROUNDS",
+    "extract_answer", "parse_number", "with_reasoning", "REASON_PROMPT", "load_schema", "parse_output", "with_schema",
+]

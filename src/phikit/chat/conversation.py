@@ -21,6 +21,7 @@ class Conversation:
         self.system = system
         self.history: list[dict] = []
         self.on_trim = on_trim or (lambda n: None)
+        self.last_answer: str | None = None  # extracted final answer of the last send(reason=True)
 
     def reset(self) -> None:
         self.history.clear()
@@ -49,12 +50,19 @@ class Conversation:
                 f"this message makes a prompt of {n} tokens but the context is {be.context_length} tokens: send something shorter"
             )
 
-    def send(self, text: str, params: SamplingParams) -> Iterator[Chunk]:
-        """Add a user turn and stream the assistant's reply; the reply (partial on interrupt) joins the history."""
+    def send(self, text: str, params: SamplingParams, reason: bool = False) -> Iterator[Chunk]:
+        """Add a user turn and stream the assistant's reply; the reply (partial on interrupt) joins the history.
+
+        reason=True asks for labelled steps and a final `Answer:` line for this
+        turn (the instruction is not stored); `last_answer` then holds the answer.
+        """
+        from .reasoning import extract_answer, with_reasoning
+
         self.history.append({"role": "user", "content": text})
         self._fit(params)
         parts: list[str] = []
-        stream = self.model.backend.stream(self.messages(), params)
+        msgs = with_reasoning(self.messages()) if reason else self.messages()
+        stream = self.model.backend.stream(msgs, params)
         try:
             for chunk in stream:
                 parts.append(chunk.text)
@@ -62,3 +70,5 @@ class Conversation:
         finally:
             stream.close()
             self.history.append({"role": "assistant", "content": "".join(parts)})
+            if reason:
+                self.last_answer = extract_answer("".join(parts))

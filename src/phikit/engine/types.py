@@ -14,6 +14,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # extra stop strings, never printed
+    json_schema: dict | None = None  # constrain the output to JSON valid against this schema (engine/constrain.py)
 
     def validate(self) -> "SamplingParams":
         from ..errors import PhikitError

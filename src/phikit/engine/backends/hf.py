@@ -30,6 +30,11 @@ class HFBackend(LocalBackend):
         self.extra_stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             self.extra_stop_ids.add(tokenizer.eos_token_id)
+        # On CUDA, batch-1 decoding goes through a static cache + CUDA graphs (cuda_fast.py);
+        # it hands back to the loop below for anything it does not take.
+        from .cuda_fast import CudaFastPath, fast_path_unavailable
+
+        self.fast = None if fast_path_unavailable(model, device) else CudaFastPath(model, self.context_length)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -41,6 +46,10 @@ class HFBackend(LocalBackend):
         return self.tokenizer.get_vocab().get(token)
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        fast = self.fast.generate(prompt_ids, params, max_new) if self.fast is not None else None
+        if fast is not None:
+            yield from fast
+            return
         import torch
         from transformers import DynamicCache
 
@@ -48,11 +57,21 @@ class HFBackend(LocalBackend):
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         cache = DynamicCache()
+        constraint = None
+        if params.json_schema is not None:
+            from ..constrain import hf_json_mask
+
+            constraint = hf_json_mask(self.tokenizer, params.json_schema, self.stop_ids(), self.model.config.vocab_size)
         ids = torch.tensor([prompt_ids], device=self.device)
         with torch.inference_mode():
             for _ in range(max_new):
                 out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                tok = sample(out.logits[0, -1], params, gen)
+                logits = out.logits[0, -1]
+                if constraint is not None:
+                    logits = constraint.mask(logits)
+                tok = sample(logits, params, gen)
+                if constraint is not None:
+                    constraint.advance(tok)
                 yield tok
                 ids = torch.tensor([[tok]], device=self.device)
 
@@ -60,6 +79,9 @@ class HFBackend(LocalBackend):
         m = self.model
         n = sum(p.numel() for p in m.parameters())
         quant = getattr(m, "is_loaded_in_4bit", False)
+        from ..kernels.int4 import Int4Linear
+
+        int4 = any(isinstance(x, Int4Linear) for x in m.modules())
         if quant:
             # 4-bit weights are stored two to a byte: count the values, not the storage elements.
             import bitsandbytes as bnb
@@ -70,7 +92,7 @@ class HFBackend(LocalBackend):
             "backend": self.name,
             "device": self.device,
             "dtype": str(next(m.parameters()).dtype).replace("torch.", ""),
-            "quant": "nf4" if quant else "none",
+            "quant": "nf4" if quant else "int4" if int4 else "none",
             "parameters": n,
             "memory_bytes": int(mem),
             "memory_bytes_16bit": int(n * 2),

@@ -27,19 +27,21 @@ class LlamaCppBackend(LocalBackend):
         self.fmt = fmt
         self.model_name = model_name
         self.path = path
-        self.context_length = llm.n_ctx()
+        # llama.cpp may round its context up; the token buffer keeps the size asked for.
+        self.context_length = min(llm.n_ctx(), len(llm.input_ids))
         self.extra_stop_ids = {llm.token_eos()}
         self._special_ids: dict[str, int | None] = {}
 
     @classmethod
     def load(cls, spec: ModelSpec, n_ctx: int | None = None, fmt_name: str | None = None, n_threads: int | None = None):
         llama_cpp = require("llama_cpp", "llama-cpp-python", why="GGUF files on the CPU need llama.cpp")
+        n_threads = n_threads or int(os.environ.get("PHIKIT_THREADS", 0)) or os.cpu_count()
         try:
             llm = llama_cpp.Llama(
                 model_path=spec.gguf_file,
                 n_ctx=n_ctx or spec.context or 0,  # 0 = the model's training context
-                n_threads=n_threads or os.cpu_count(),
-                n_threads_batch=n_threads or os.cpu_count(),
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
                 verbose=False,
             )
         except ValueError as e:
@@ -67,10 +69,19 @@ class LlamaCppBackend(LocalBackend):
         return self._special_ids[token]
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        grammar = None
+        if params.json_schema is not None:
+            from ..constrain import llama_grammar
+
+            grammar = llama_grammar(self.llm, params.json_schema)
         self.llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        # Evaluate the whole prompt every time: reusing a cached prefix re-runs
+        # its last token through the single-token kernels, whose rounding differs
+        # from the batched ones, and the same seed would then give another text.
+        self.llm.reset()
         gen = self.llm.generate(
             prompt_ids, temp=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            min_p=0.0, repeat_penalty=1.0, reset=True,
+            min_p=0.0, repeat_penalty=1.0, reset=True, grammar=grammar,
         )
         try:
             for i, tok in enumerate(gen):

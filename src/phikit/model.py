@@ -19,7 +19,7 @@ from .errors import DeviceError, PhikitError
 from .formats import ChatFormat, Message, detect_format, get_format
 from .models.registry import ModelSpec, resolve
 
-BACKENDS = ("auto", "transformers", "llamacpp")
+BACKENDS = ("auto", "transformers", "llamacpp", "openai")
 
 
 class Model:
@@ -110,16 +110,25 @@ def load(
     dtype: str | None = None,
     n_ctx: int | None = None,
     format: str | None = None,
+    threads: int | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
 ) -> Model:
     """Load a model by registry name, path (HF directory or .gguf) or hub id.
 
     quant: "none" (16-bit on GPU, fp32 on CPU) or "nf4" (bitsandbytes 4-bit);
     device: "auto", "cpu" or "cuda"; backend: "auto", "transformers" or
     "llamacpp" (GGUF on CPU; the embedded default runs there by default);
-    adapter: a LoRA adapter directory (transformers backend).
+    adapter: a LoRA adapter directory (transformers backend);
+    backend="openai" with base_url= (and api_key=, default $OPENAI_API_KEY): a remote OpenAI-compatible server.
     Raises ModelNotFoundError, ModelFilesError, DeviceError (all PhikitError).
     """
     t0 = time.perf_counter()
+    if backend == "openai":  # a remote OpenAI-compatible server (vLLM, Ollama, phikit serve): issue 6
+        from .engine.backends.openai_remote import OpenAIRemoteBackend
+
+        be = OpenAIRemoteBackend.connect(base_url, model, api_key=api_key, n_ctx=n_ctx)
+        return Model(be, ModelSpec(be.model_name, None, None, context=be.context_length), time.perf_counter() - t0)
     spec = resolve(model)
     if not (spec.gguf_file or spec.path or spec.hub_id):
         raise PhikitError(f"{spec.name}: its weights are not installed; run the setup command in the README")
@@ -129,7 +138,7 @@ def load(
             raise DeviceError("the llamacpp backend here runs on the CPU: use --device cpu or --backend transformers")
         from .engine.backends.llamacpp import LlamaCppBackend
 
-        be = LlamaCppBackend.load(spec, n_ctx=n_ctx, fmt_name=format)
+        be = LlamaCppBackend.load(spec, n_ctx=n_ctx, fmt_name=format, n_threads=threads)
         return Model(be, spec, time.perf_counter() - t0, [])
     from .engine.backends.hf import HFBackend
     from .models.fixes import apply_fixes, report

@@ -8,12 +8,14 @@ import argparse
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=None, help="registry name, HF directory, .gguf file or hub id (default: the embedded SmolLM2-135M)")
-    g.add_argument("--quant", choices=["none", "nf4"], default="none", help="4-bit NF4 (bitsandbytes) or none")
+    g.add_argument("--quant", choices=["none", "nf4", "int4"], default="none", help="4-bit NF4 (bitsandbytes, CPU or CUDA), int4 (CUDA fast path) or none")
     g.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    g.add_argument("--backend", choices=["auto", "transformers", "llamacpp"], default="auto")
+    g.add_argument("--backend", choices=["auto", "transformers", "llamacpp", "openai"], default="auto")
+    g.add_argument("--base-url", default=None, help="with --backend openai: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (key: $OPENAI_API_KEY)")
     g.add_argument("--adapter", default=None, help="LoRA adapter directory to apply")
     g.add_argument("--format", default=None, help="chat format, when it cannot be detected (chatml, phi3, phi4-mini, phi4)")
     g.add_argument("--n-ctx", type=int, default=None, help="context length to allocate (default: the model's)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: $PHIKIT_THREADS or all cores)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 512) -> None:
@@ -31,7 +33,7 @@ def load_from_args(args):
 
     m = phikit.load(
         args.model, quant=args.quant, device=args.device, backend=args.backend,
-        adapter=args.adapter, format=args.format, n_ctx=args.n_ctx,
+        adapter=args.adapter, format=args.format, n_ctx=args.n_ctx, threads=getattr(args, "threads", None), base_url=getattr(args, "base_url", None),
     )
     return m
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import DeviceError, MissingDependencyError, ModelFilesError, ModelNotFoundError, require
 from .registry import ModelSpec
 
-QUANTS = ("none", "nf4")
+QUANTS = ("none", "nf4", "int4")
 
 
 def resolve_device(device: str) -> str:
@@ -63,6 +63,8 @@ def load_hf(spec: ModelSpec, quant: str = "none", device: str = "auto", dtype: s
     dev = resolve_device(device)
     src, extra = _source(spec)
     kwargs: dict = dict(extra)
+    if quant == "int4" and not dev.startswith("cuda"):
+        raise DeviceError("--quant int4 (tinygemm weight-only int4) runs on CUDA only: use --quant nf4 on the CPU")
     if quant == "nf4":
         if spec.gguf_file:
             raise DeviceError("--quant nf4 loads Hugging Face weights; a GGUF file is already quantised: use --quant none")
@@ -72,6 +74,8 @@ def load_hf(spec: ModelSpec, quant: str = "none", device: str = "auto", dtype: s
     else:
         # bf16 on GPU; fp32 on CPU, where bf16 matmuls are slower than fp32 on most chips.
         kwargs["dtype"] = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+        if quant == "int4":
+            kwargs["dtype"] = torch.bfloat16
     try:
         tok = AutoTokenizer.from_pretrained(src, **extra)
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
@@ -87,7 +91,11 @@ def load_hf(spec: ModelSpec, quant: str = "none", device: str = "auto", dtype: s
         if quant == "nf4":
             raise DeviceError(f"--quant nf4 could not run here: {e}. Use --quant none") from None
         raise
-    if quant == "none":
+    if quant in ("none", "int4"):
         model.to(dev)
+    if quant == "int4":
+        from ..engine.kernels.int4 import quantize_model_int4
+
+        quantize_model_int4(model)
     model.eval()
     return model, tok, dev

@@ -1,0 +1,65 @@
+"""Prometheus text metrics: requests, tokens, time to first token, queue length.
+
+Written by hand rather than with prometheus_client: four metric families and
+one text format are less code than wiring a registry, and add no dependency.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()  # (route, status) -> count
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.ttft_buckets = [0] * len(TTFT_BUCKETS)
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
+
+    def request(self, route: str, status: int) -> None:
+        self.requests[(route, status)] += 1
+
+    def generation(self, prompt_tokens: int, completion_tokens: int, ttft_s: float) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.ttft_sum += ttft_s
+        self.ttft_count += 1
+        for i, le in enumerate(TTFT_BUCKETS):
+            if ttft_s <= le:
+                self.ttft_buckets[i] += 1
+
+    def render(self, queue_length: int, active: int) -> str:
+        out = [
+            "# HELP phikit_requests_total HTTP requests by route and status.",
+            "# TYPE phikit_requests_total counter",
+        ]
+        for (route, status), n in sorted(self.requests.items()):
+            out.append(f'phikit_requests_total{{route="{route}",status="{status}"}} {n}')
+        out += [
+            "# HELP phikit_prompt_tokens_total Prompt tokens processed.",
+            "# TYPE phikit_prompt_tokens_total counter",
+            f"phikit_prompt_tokens_total {self.prompt_tokens}",
+            "# HELP phikit_completion_tokens_total Tokens generated.",
+            "# TYPE phikit_completion_tokens_total counter",
+            f"phikit_completion_tokens_total {self.completion_tokens}",
+            "# HELP phikit_time_to_first_token_seconds Time from the start of a generation to its first token.",
+            "# TYPE phikit_time_to_first_token_seconds histogram",
+        ]
+        for le, n in zip(TTFT_BUCKETS, self.ttft_buckets):
+            out.append(f'phikit_time_to_first_token_seconds_bucket{{le="{le}"}} {n}')
+        out += [
+            f'phikit_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}',
+            f"phikit_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
+            f"phikit_time_to_first_token_seconds_count {self.ttft_count}",
+            "# HELP phikit_queue_length Requests waiting for the generation slot.",
+            "# TYPE phikit_queue_length gauge",
+            f"phikit_queue_length {queue_length}",
+            "# HELP phikit_generation_active Requests generating now (0 or 1).",
+            "# TYPE phikit_generation_active gauge",
+            f"phikit_generation_active {active}",
+        ]
+        return "\n".join(out) + "\n"

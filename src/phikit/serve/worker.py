@@ -1,0 +1,125 @@
+"""The one generation slot of a server: requests queue, then run one at a time.
+
+The model is not thread-safe, so every call into it (rendering, tokenising,
+each step of a stream, closing a stream) runs on one dedicated thread. The
+event loop pulls a stream chunk by chunk from that thread (`next` on the
+generator), which gives back-pressure for free and lets a request stop its
+generation between two tokens: closing the Chunk generator is all it takes.
+
+A request first waits for the slot (an asyncio.Lock, FIFO), then holds it
+while its stream runs, and gives it back when the stream ends, fails or its
+client goes away. The executor is single-threaded and FIFO too, so the close
+of one stream always runs before the first step of the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+
+from ..engine.types import Chunk
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited for the slot."""
+
+
+class Worker:
+    """A FIFO queue in front of a single generation thread."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="phikit-gen")
+        self.waiting = 0  # requests queued for the slot (the /metrics queue length)
+        self.active = 0  # 0 or 1: a request holds the slot
+
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        """Run a blocking model call on the generation thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def acquire(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> "Lease":
+        """Wait for the slot and return its Lease; raise ClientGone if `is_disconnected()` turns true meanwhile."""
+        self.waiting += 1
+        got = asyncio.ensure_future(self._lock.acquire())
+        try:
+            while not got.done():
+                await asyncio.wait({got}, timeout=0.25)
+                if not got.done() and is_disconnected is not None and await is_disconnected():
+                    raise ClientGone()
+        except BaseException:
+            got.cancel()
+            if got.done() and not got.cancelled() and got.exception() is None:
+                self._lock.release()  # granted just as we gave up: hand it straight on
+            raise
+        finally:
+            self.waiting -= 1
+        self.active = 1
+        return Lease(self, is_disconnected)
+
+    def _release(self) -> None:
+        self.active = 0
+        self._lock.release()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Lease:
+    """One request's hold on the slot: start streams, pull their chunks, then `close()` (idempotent).
+
+    `close()` is plain (not async) so a response can call it from any `finally`,
+    even one being cancelled; it queues the close of the current stream on the
+    generation thread and hands the slot to the next request.
+    """
+
+    def __init__(self, worker: Worker, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> None:
+        self.worker = worker
+        self.is_disconnected = is_disconnected
+        self._gen: Iterator[Chunk] | None = None
+        self._open = True
+
+    async def start(self, make: Callable[[], Iterator[Chunk]]) -> Iterator[Chunk]:
+        """Create a stream on the generation thread; errors (an over-long prompt...) raise here."""
+        self._gen = await self.worker.call(make)
+        return self._gen
+
+    async def chunks(self, gen: Iterator[Chunk], watch: bool = False) -> AsyncIterator[Chunk]:
+        """Pull `gen` chunk by chunk from the generation thread; always closes it.
+
+        watch: check every 0.25 s that the client is still there and raise ClientGone
+        if not. For blocking (non-streaming) replies only: a streaming response
+        already learns of a disconnect from the server, and two readers of one
+        connection would steal each other's messages.
+        """
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + 0.25
+        try:
+            while True:
+                chunk = await self.worker.call(next, gen, None)
+                if chunk is None:
+                    return
+                yield chunk
+                if watch and self.is_disconnected is not None and loop.time() >= next_check:
+                    next_check = loop.time() + 0.25
+                    if await self.is_disconnected():
+                        raise ClientGone()
+        finally:
+            self._close_gen(gen)
+
+    def _close_gen(self, gen: Iterator[Chunk]) -> None:
+        # Queued behind any step still running on the generation thread, so it
+        # never overlaps one; not awaited, so a cancelled request cannot skip it.
+        close = getattr(gen, "close", None)
+        if close is not None:
+            asyncio.get_running_loop().run_in_executor(self.worker._pool, close)
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        if self._gen is not None:
+            self._close_gen(self._gen)
+        self.worker._release()

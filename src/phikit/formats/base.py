@@ -17,6 +17,7 @@ from ..errors import DataError
 
 Message = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
+_MARK = "\x00"  # stands for a turn's content when splitting turn() into prefix and suffix
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,56 @@ class ChatFormat:
 
     def _render_normalised(self, msgs: list[Message]) -> str:
         return "".join(self.turn(m["role"], m["content"]) for m in msgs)
+
+    # -- templates for other runtimes (export) ----------------------------
+    # Both are generated from turn() and generation_prompt(), so an exported
+    # model cannot be prompted differently from how phikit renders (and trains).
+    def turn_parts(self, role: str) -> tuple[str, str]:
+        """(prefix, suffix) around the content of a `role` turn, taken from turn() itself."""
+        pre, sep, post = self.turn(role, _MARK).partition(_MARK)
+        if not sep:
+            raise ValueError(f"{self.name}: turn({role!r}) does not contain the content verbatim")
+        return pre, post
+
+    def hf_template(self) -> str:
+        """A Jinja chat template (Hugging Face `chat_template`) rendering what `render` renders.
+
+        Covers string contents of system/user/assistant/tool turns and the
+        generation prompt; tool declarations are phikit's to render.
+        """
+        q = json.dumps  # a JSON string is a valid Jinja string literal (same escapes)
+        branches = []
+        for role in ROLES:
+            pre, post = self.turn_parts(role)
+            kw = "if" if not branches else "elif"
+            branches.append(f"{{% {kw} message['role'] == {q(role)} %}}{{{{ {q(pre)} + message['content'] + {q(post)} }}}}")
+        loop = (
+            "{% for message in messages %}" + "".join(branches)
+            + "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}{% endfor %}"
+        )
+        head = ""
+        if self.default_system is not None:
+            head = f"{{% if not messages or messages[0]['role'] != 'system' %}}{{{{ {q(self.turn('system', self.default_system))} }}}}{{% endif %}}"
+        return head + loop + f"{{% if add_generation_prompt %}}{{{{ {q(self.generation_prompt())} }}}}{{% endif %}}"
+
+    def ollama_template(self) -> str:
+        """An Ollama Modelfile TEMPLATE (Go text/template over `.Messages`) rendering what `render` renders.
+
+        The last assistant message is left open (Ollama continues it); after
+        any other last message the generation prompt follows. A default system
+        prompt goes in the Modelfile's SYSTEM line, which Ollama inserts.
+        """
+        branches = []
+        for role in ROLES:
+            pre, post = self.turn_parts(role)
+            kw = "if" if not branches else "else if"
+            close = f"{{{{ if not $last }}}}{post}{{{{ end }}}}" if role == "assistant" else post
+            branches.append(f'{{{{ {kw} eq .Role "{role}" }}}}{pre}{{{{ .Content }}}}{close}')
+        return (
+            "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+            + "".join(branches) + "{{ end }}"
+            + f'{{{{ if and $last (ne .Role "assistant") }}}}{self.generation_prompt()}{{{{ end }}}}{{{{ end }}}}'
+        )
 
     def strip_specials(self, text: str) -> str:
         for s in self.specials:

@@ -1,0 +1,37 @@
+"""phikit export: a model (+ LoRA adapter) as merged safetensors, GGUF or an Ollama Modelfile."""
+
+from __future__ import annotations
+
+import json
+
+GGUF_QUANTS = "f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1 (written by the gguf package); q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q3_k_m, q2_k (llama.cpp's quantizer, needs llama-cpp-python)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", "-m", default=None, help="base model: registry name, HF directory, .gguf file or hub id (default: the adapter's base, else the embedded SmolLM2-135M)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT) to merge in")
+    p.add_argument("--format", "-f", required=True, choices=["merged", "gguf", "ollama"], help="merged: safetensors HF dir; gguf: one .gguf file; ollama: a dir with the GGUF and a Modelfile")
+    p.add_argument("--out", "-o", required=True, help="output path (a file for gguf, a directory otherwise)")
+    p.add_argument("--quant", default=None, help=f"GGUF quant type (gguf/ollama; default f16): {GGUF_QUANTS}")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of merged weights")
+    p.add_argument("--system", default=None, help="SYSTEM prompt of the Ollama Modelfile (default: the model's own, if any)")
+    p.add_argument("--chat-format", default=None, help="chat format when it cannot be detected (chatml, phi3, phi4-mini, phi4)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run(args) -> int:
+    from ..export import export
+
+    r = export(
+        args.model, format=args.format, out=args.out, adapter=args.adapter, quant=args.quant,
+        system=args.system, force=args.force, dtype=args.dtype, chat_format=args.chat_format,
+    )
+    if args.json:
+        print(json.dumps(r.to_dict()))
+    else:
+        q = f" ({r.quant})" if r.quant else ""
+        print(f"wrote {r.out}{q}: {r.bytes / 1e6:.1f} MB in {r.seconds:.1f} s")
+        if r.format == "ollama":
+            print(f"run it with: ollama create NAME -f {r.out}/Modelfile && ollama run NAME")
+    return 0

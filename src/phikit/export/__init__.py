@@ -1,0 +1,88 @@
+"""Export a model (+ LoRA adapter) as merged safetensors, GGUF or an Ollama Modelfile.
+
+    phikit.export.export("phi-3-mini", adapter="runs/a", format="gguf", out="m.gguf", quant="q4_0")
+
+Every format starts from the same merge (merge.py: fp32, on the CPU, tokenizer
+fixed, chat template generated from the chat format) and writes beside the
+target, renaming at the end (files.py), so an existing output is only
+replaced with --force and an interrupted export leaves nothing under OUT.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import PhikitError
+from .files import atomic_path, check_out, size_of
+
+# GPTQ (through auto-round) is not offered yet: it quantises on the CPU here but
+# slowly (~3 min for a 2-layer toy model), and loading the result back needs
+# transformers' AutoRoundConfig backend; see docs/export.md.
+FORMATS = ("merged", "gguf", "ollama")
+
+
+@dataclass
+class ExportResult:
+    format: str
+    out: str
+    bytes: int
+    seconds: float
+    quant: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def export(
+    model: str | None,
+    *,
+    format: str,
+    out: str | Path,
+    adapter: str | None = None,
+    quant: str | None = None,
+    system: str | None = None,
+    force: bool = False,
+    dtype: str = "bfloat16",
+    chat_format: str | None = None,
+) -> ExportResult:
+    """Export `model` (+ `adapter`) to `out` in `format` (merged | gguf | ollama).
+
+    quant: GGUF quant type (default f16; see gguf_file.QUANTS). system: SYSTEM line
+    of an Ollama Modelfile. dtype: of merged weights. Raises PhikitError on bad input; nothing is written under
+    `out` unless the export completes.
+    """
+    if format not in FORMATS:
+        raise PhikitError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    out = Path(out).expanduser()
+    check_out(out, force)  # fail before the slow load
+    if format in ("gguf", "ollama"):
+        from .gguf_file import QUANTS
+
+        quant = (quant or "f16").lower()
+        if quant not in QUANTS:
+            raise PhikitError(f"unknown GGUF quant {quant!r}: use one of {', '.join(QUANTS)}")
+    elif quant:
+        raise PhikitError(f"--quant applies to gguf and ollama exports, not {format}")
+    t0 = time.perf_counter()
+    from .merge import load_merged, save_merged
+
+    m = load_merged(model, adapter, chat_format)
+    with atomic_path(out, force) as tmp:
+        if format == "merged":
+            save_merged(m, tmp, dtype)
+        elif format == "gguf":
+            from .gguf_file import write_gguf
+
+            write_gguf(m, tmp, quant)
+        else:
+            from .gguf_file import write_gguf
+            from .ollama import modelfile
+
+            tmp.mkdir()
+            name = f"{m.spec.name}-{quant}.gguf"
+            write_gguf(m, tmp / name, quant)
+            (tmp / "Modelfile").write_text(modelfile(m.fmt, name, system))
+    return ExportResult(format, str(out), size_of(out), round(time.perf_counter() - t0, 3), quant, m.notes)

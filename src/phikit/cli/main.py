@@ -13,12 +13,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "ask": ("ask", "answer one prompt, streaming"),
     "chat": ("chat", "multi-turn chat in the terminal"),
     "models": ("models", "list known models and where their weights are"),
-    # tools (issue 3)
-    # rag (issue 4)
-    # eval (issue 5)
-    # serve (issue 6)
-    # train (issue 8)
-    # export (issue 10)
+    "tools": ("tools", "list the tools a model can call, or run one directly"),
+    "rag": ("rag", "answers from your own documents, with sources (index, ask, search, ls, rm)"),
+    "eval": ("eval", "measure a model: SQuAD 2.0 (grounded), GSM8K, before/after reports"),
+    "serve": ("serve", "serve a model over OpenAI- and Ollama-compatible HTTP APIs, with a web chat"),
+    "train": ("train", "fine-tune a LoRA / QLoRA adapter (SQuAD 2.0, chat or Q/A JSONL)"),
+    "export": ("export", "export a model + adapter as merged weights, GGUF or an Ollama Modelfile"),
 }
 
 

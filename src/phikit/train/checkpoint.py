@@ -1,0 +1,106 @@
+"""Checkpoints that survive a kill or a full disk: each is written into a
+`.tmp` folder beside the others and renamed into place only when complete, so
+the previous one is never touched; the oldest are pruned after the rename."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+from ..errors import PhikitError
+
+CKPT_DIR = "checkpoints"
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+    """Write checkpoint `step` (adapter weights, optimizer, scheduler, loop position, RNG) atomically."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    root = out / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    blob = {
+        "adapter": get_peft_model_state_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state,
+        "rng": rng_state(),
+    }
+    try:
+        with open(tmp / "trainer.pt", "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # disk full, quota, I/O error: the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = list_checkpoints(out)
+        raise PhikitError(
+            f"could not write checkpoint {final.name} ({e}); "
+            + (f"the previous one, {prev[-1]}, is intact: free space and rerun with --resume" if prev else "free space and rerun")
+        ) from None
+    if final.exists():  # same step saved again (resumed run): replace it only now that the new one is whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written `.tmp` folders are ignored)."""
+    root = out / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer.pt").is_file())
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore everything saved by `save_checkpoint`; returns the loop state."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    blob = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    set_peft_model_state_dict(model, blob["adapter"])
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return blob["state"]

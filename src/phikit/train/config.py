@@ -1,0 +1,99 @@
+"""The training configuration: the tutorials' LoRA/QLoRA recipe as defaults,
+overridable by a YAML/JSON file and then by command-line flags (flags win)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import DataError
+
+
+@dataclass
+class TrainConfig:
+    data: str = "squad2"  # a .json (SQuAD 2.0) / .jsonl file, or "squad2" for the shared SQuAD 2.0 train set
+    out: str = "phikit-adapter"
+    model: str | None = None  # registry name, HF dir, .gguf or hub id; None = the embedded default
+    quant: str = "auto"  # nf4 | none | auto (nf4 on CUDA when the weights are not GGUF, else none)
+    device: str = "auto"
+    format: str | None = None  # chat format, when it cannot be detected
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # None = the registry's targets for the model (all linear projections)
+    # optimisation
+    lr: float = 2e-4
+    warmup_ratio: float = 0.1
+    epochs: float = 3
+    micro_batch: int = 4
+    grad_accum: int = 2  # effective batch = micro_batch * grad_accum
+    optimizer: str = "auto"  # auto (8-bit AdamW where bitsandbytes runs on the device, else AdamW) | adamw8bit | adamw
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_seq: int = 2048
+    group_by_length: bool = True
+    gradient_checkpointing: bool | None = None  # None = on for CUDA, off on CPU (where memory is not the limit)
+    seed: int = 42
+    # data
+    limit: int | None = None  # first N examples (after balancing)
+    max_steps: int | None = None  # stop after N optimizer steps (the schedule then spans N steps)
+    val_split: float = 0.05
+    val_data: str | None = None
+    squad_answerable_ratio: float | None = None  # e.g. 2.0 = two answerable per unanswerable; None = as in the file
+    squad_max_context_words: int | None = None  # skip SQuAD paragraphs longer than this (cheaper CPU recipes)
+    # checkpoints and logs
+    save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
+    keep_last: int = 2
+    resume: bool = False
+    eval_every_epoch: bool = True
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes recorded in phikit.json
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def config_fields() -> dict[str, type]:
+    return {f.name: f.type for f in fields(TrainConfig)}
+
+
+def read_config_file(path: str) -> dict:
+    """Settings from a YAML (.yaml/.yml) or JSON file; DataError on a bad file or an unknown key."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"config file {path} not found")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: both are the user's file
+        raise DataError(f"config file {path} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"config file {path} must hold a mapping of setting -> value")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = set(data) - set(config_fields())
+    if unknown:
+        raise DataError(f"config file {path}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(config_fields()))}")
+    return data
+
+
+def make_config(file: str | None = None, **overrides) -> TrainConfig:
+    """Defaults, then the config file, then `overrides` whose value is not None (flags win)."""
+    values = read_config_file(file) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**values)
+    if cfg.micro_batch < 1 or cfg.grad_accum < 1:
+        raise DataError("micro_batch and grad_accum must be at least 1")
+    if not 0 <= cfg.val_split < 1:
+        raise DataError("val_split must be in [0, 1)")
+    return cfg

@@ -1,0 +1,56 @@
+"""The run's log (`log.jsonl`, one JSON object per step or eval) and its loss curve (`loss.png`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class TrainLog:
+    def __init__(self, out: Path, resume_step: int | None = None):
+        self.path = out / "log.jsonl"
+        self.png = out / "loss.png"
+        if resume_step is not None and self.path.is_file():
+            # Drop what the killed run logged after its last checkpoint: those steps are replayed.
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep))
+        elif resume_step is None:
+            self.path.write_text("")
+
+    def write(self, **rec) -> None:
+        rec.setdefault("time", round(time.time(), 3))
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+    def last_loss(self) -> float | None:
+        losses = [r["loss"] for r in self.records() if "loss" in r]
+        return losses[-1] if losses else None
+
+    def plot(self) -> None:
+        """Training loss per step and eval loss per epoch, as a PNG (matplotlib, headless)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        recs = self.records()
+        tr = [(r["step"], r["loss"]) for r in recs if "loss" in r and "step" in r]
+        ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r and "step" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if tr:
+            ax.plot(*zip(*tr), label="train loss", lw=1)
+        if ev:
+            ax.plot(*zip(*ev), "o-", label="eval loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (per answer token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = self.png.with_name(".loss.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(self.png)

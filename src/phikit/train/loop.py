@@ -1,0 +1,318 @@
+"""The LoRA / QLoRA training loop: one readable loop (no HF Trainer), in the
+spirit of torchtune and nanochat, so every step a user asks about is in view.
+
+    load (phikit) -> LoRA (peft) -> for each optimizer step: accumulate micro-batches,
+    clip, step, schedule -> log, checkpoint -> eval loss each epoch -> adapter + phikit.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import DataError, PhikitError
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import IGNORE, Tokenised, batch_order, collate, file_hash, read_examples, resolve_data_path
+from .logs import TrainLog
+
+log = logging.getLogger("phikit")
+
+
+def _pick_quant(cfg: TrainConfig, spec, device: str) -> str:
+    if cfg.quant != "auto":
+        return cfg.quant
+    return "nf4" if device.startswith("cuda") and not spec.gguf_file else "none"
+
+
+def _make_optimizer(cfg: TrainConfig, params, device: str):
+    """8-bit AdamW (bitsandbytes) on CUDA; torch AdamW elsewhere, since bitsandbytes' 8-bit optimizers need a GPU."""
+    import torch
+
+    want = cfg.optimizer
+    if want in ("auto", "adamw8bit") and device.startswith("cuda"):
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay), "adamw8bit"
+        except Exception as e:  # bitsandbytes missing or without a CUDA build: the fallback is noted in the log
+            if want == "adamw8bit":
+                raise PhikitError(f"--optimizer adamw8bit needs bitsandbytes with CUDA ({e}); use --optimizer adamw") from None
+            note = f"8-bit AdamW unavailable ({type(e).__name__}); using torch AdamW"
+    elif want == "adamw8bit":
+        raise PhikitError("--optimizer adamw8bit needs a CUDA GPU (bitsandbytes); use --optimizer adamw")
+    else:
+        note = "torch AdamW" + (" (8-bit AdamW runs on CUDA only)" if want == "auto" else "")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), note
+
+
+def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str):
+    """Wrap a loaded model with LoRA as `cfg` says (k-bit preparation for nf4, optional
+    gradient checkpointing); returns (peft model in train mode, target module names)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device.startswith("cuda")
+    if quant == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    targets = _lora_targets(model, cfg, spec)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(model, lcfg)
+    model.train()
+    return model, targets
+
+
+def _lora_targets(model, cfg: TrainConfig, spec) -> list[str]:
+    """The configured targets, else the registry's for the model; for a model outside the
+    registry (whose spec carries the llama names) the family's names that the model really has."""
+    import torch
+
+    from ..models.registry import LLAMA_LORA_TARGETS, PHI_LORA_TARGETS
+
+    have = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    if cfg.lora_targets:
+        missing = set(cfg.lora_targets) - have
+        if missing:
+            raise PhikitError(f"--lora-targets {', '.join(sorted(missing))} not in the model; its linear layers: {', '.join(sorted(have))}")
+        return list(cfg.lora_targets)
+    for names in (spec.lora_targets, PHI_LORA_TARGETS, LLAMA_LORA_TARGETS):
+        if set(names) <= have:
+            return list(names)
+    return sorted(have - {"lm_head"})
+
+
+def _split(examples: list, cfg: TrainConfig) -> tuple[list, list]:
+    if cfg.val_data:
+        return examples, read_examples(resolve_data_path(cfg.val_data), seed=cfg.seed)
+    n_val = int(len(examples) * cfg.val_split) if cfg.val_split > 0 else 0
+    if cfg.val_split > 0 and len(examples) >= 10:
+        n_val = max(1, n_val)
+    idx = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(idx)
+    val = set(idx[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
+
+
+def _lm_loss(model, ids, att, lab, autocast):
+    """Summed cross-entropy over label positions.
+
+    The LM head runs only on the positions that carry a label (the answer
+    tokens): with a 49k-150k vocabulary that head is a fifth or more of a small
+    model's compute, and the prompt's logits would be thrown away anyway.
+    """
+    import torch.nn.functional as F
+
+    base = model.get_base_model()
+    with autocast():
+        hidden = base.base_model(input_ids=ids, attention_mask=att).last_hidden_state
+        target = lab[:, 1:]
+        keep = target != IGNORE
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep], reduction="sum")
+
+
+def _count_labels(items) -> int:
+    return sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in items)
+
+
+def evaluate_loss(model, items, cfg: TrainConfig, pad_id: int, device: str, autocast) -> float | None:
+    """Mean per-token loss on the validation items."""
+    import torch
+
+    if not items:
+        return None
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in batch_order([len(i) for i, _ in items], cfg.micro_batch, 0, 0, True):
+            chunk = [items[i] for i in b]
+            ids, att, lab = (t.to(device) for t in collate(chunk, pad_id))
+            total += float(_lm_loss(model, ids, att, lab, autocast))
+            n += _count_labels(chunk)
+    model.train()
+    return total / max(n, 1)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_adapter(model, out: Path, meta: dict) -> None:
+    """The standard PEFT adapter files plus phikit.json, each moved into `out` only once written in full."""
+    tmp = out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    _write_json_atomic(out / "phikit.json", meta)
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
+    """Train a LoRA adapter as `cfg` says; returns a summary (also in DIR/phikit.json).
+
+    `stop_after` ends the run after that many optimizer steps as if killed right
+    after a checkpoint (the schedule still spans the whole run): for resume tests.
+    `loaded`: a phikit Model already loaded for cfg.model (transformers backend)
+    to train in place: LoRA layers are injected into its modules, so afterwards
+    it generates with the adapter (the benchmark scores it without reloading).
+    Raises DataError on bad data before any training starts.
+    """
+    import torch
+
+    import phikit
+
+    from ..models.loading import resolve_device
+    from ..models.registry import REGISTRY, resolve
+
+    out = Path(cfg.out)
+    data_path = resolve_data_path(cfg.data)
+    # All data is read and checked before the (slow) model load: a bad line fails fast.
+    examples = read_examples(data_path, cfg.squad_answerable_ratio, cfg.squad_max_context_words, cfg.seed)
+    if cfg.limit:
+        examples = examples[: cfg.limit]
+    train_ex, val_ex = _split(examples, cfg)
+    if not train_ex:
+        raise DataError(f"{data_path}: no training examples left after the validation split")
+
+    ckpts = list_checkpoints(out)
+    if ckpts and not cfg.resume:  # checked before the slow model load
+        raise PhikitError(f"{out} already holds checkpoints of a run: pass --resume to continue it, or choose another --out")
+    spec = resolve(cfg.model)
+    device = resolve_device(cfg.device)
+    quant = _pick_quant(cfg, spec, device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    m = loaded or phikit.load(cfg.model, backend="transformers", quant=quant, device=device, format=cfg.format)
+    model, tok, fmt = m.backend.model, m.backend.tokenizer, m.fmt
+    pad = fmt.pad or tok.pad_token
+    pad_id = tok.convert_tokens_to_ids(pad)
+    if pad_id is None or pad_id in {tok.convert_tokens_to_ids(s) for s in fmt.stop if s != pad} - {tok.unk_token_id}:
+        raise PhikitError(f"{spec.name}: no usable pad token (format {fmt.name} says {pad!r})")
+
+    enc = Tokenised(tok, fmt, cfg.max_seq)
+    train_items = [x for x in map(enc.encode, train_ex) if x is not None]
+    val_items = [x for x in map(enc.encode, val_ex) if x is not None]
+    if not train_items:
+        raise DataError(f"{data_path}: no example fits max_seq={cfg.max_seq} even with its context cut; raise --max-seq")
+    if enc.truncated:
+        log.warning("%d example(s) longer than max_seq=%d: context truncated (answers kept); %d dropped", enc.truncated, cfg.max_seq, enc.dropped)
+
+    model, targets = prepare_lora(model, cfg, spec, quant, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, opt_note = _make_optimizer(cfg, params, device)
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    lengths = [len(i) for i, _ in train_items]
+    n_micro = math.ceil(len(train_items) / cfg.micro_batch)
+    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else contextlib.nullcontext
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "epoch": 0, "micro": 0, "tokens": 0, "train_s": 0.0}
+    if cfg.resume and ckpts:
+        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
+        log.warning("resumed from %s (step %d)", ckpts[-1], state["step"])
+    elif cfg.resume:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    tlog = TrainLog(out, resume_step=state["step"] if cfg.resume else None)
+    tlog.write(event="start", total_steps=total, train_examples=len(train_items), val_examples=len(val_items),
+               truncated=enc.truncated, dropped=enc.dropped, optimizer=opt_note, quant=quant, device=device,
+               trainable_params=sum(p.numel() for p in params))
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    step, epoch, micro = state["step"], state["epoch"], state["micro"]
+    val_loss = None
+    while step < total:
+        batches = batch_order(lengths, cfg.micro_batch, cfg.seed, epoch, cfg.group_by_length)
+        while micro < len(batches) and step < total:
+            t0 = time.perf_counter()
+            group = [[train_items[i] for i in b] for b in batches[micro : micro + cfg.grad_accum]]
+            n_lab = sum(_count_labels(g) for g in group)
+            loss_sum, n_tok = 0.0, 0
+            for chunk in group:
+                ids, att, lab = (t.to(device) for t in collate(chunk, pad_id))
+                loss = _lm_loss(model, ids, att, lab, autocast) / max(n_lab, 1)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                n_tok += int(att.sum())
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            micro += len(group)
+            step += 1
+            dt = time.perf_counter() - t0
+            state.update(step=step, epoch=epoch, micro=micro, tokens=state["tokens"] + n_tok, train_s=state["train_s"] + dt)
+            lr = scheduler.get_last_lr()[0]
+            tlog.write(step=step, epoch=round(epoch + micro / len(batches), 4), loss=round(loss_sum, 5), lr=lr, tokens_per_s=round(n_tok / dt, 1))
+            if bar:
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}")
+                bar.update(1)
+            if micro >= len(batches):  # end of epoch: the checkpoint below then starts the next one
+                if cfg.eval_every_epoch and val_items:
+                    val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast)
+                    tlog.write(step=step, epoch=epoch + 1, eval_loss=round(val_loss, 5))
+                epoch, micro = epoch + 1, 0
+                state.update(epoch=epoch, micro=micro)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == stop_after:
+                save_checkpoint(out, step, model, optimizer, scheduler, dict(state), cfg.keep_last)
+            if stop_after and step >= stop_after:
+                if bar:
+                    bar.close()
+                tlog.plot()
+                return {"stopped_at": step, "out": str(out)}
+        if micro >= len(batches):
+            epoch, micro = epoch + 1, 0
+    if bar:
+        bar.close()
+    if val_items and (val_loss is None or not cfg.eval_every_epoch):
+        val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast)
+        tlog.write(step=step, epoch=epoch, eval_loss=round(val_loss, 5))
+
+    base_name = spec.name if spec.name in REGISTRY else spec.source
+    summary = {
+        "base_model": base_name,
+        "format": fmt.name,
+        "fixes": m.fixes,
+        "quant": quant,
+        "device": device,
+        "optimizer": opt_note,
+        "lora_targets": targets,
+        "config": cfg.to_dict(),
+        "data": {"path": str(data_path), "sha256": file_hash(data_path), "train_examples": len(train_items),
+                 "val_examples": len(val_items), "truncated": enc.truncated, "dropped": enc.dropped},
+        "steps": step,
+        "tokens": state["tokens"],
+        "train_s": round(state["train_s"], 1),
+        "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
+        "final_train_loss": tlog.last_loss(),
+        "eval_loss": None if val_loss is None else round(val_loss, 5),
+    }
+    save_adapter(model, out, summary)
+    save_checkpoint(out, step, model, optimizer, scheduler, dict(state), cfg.keep_last)
+    tlog.write(event="done", **{k: summary[k] for k in ("steps", "train_s", "tokens_per_s", "eval_loss")})
+    model.eval()
+    tlog.plot()
+    return summary

@@ -27,6 +27,10 @@ def phikit_run(model, n):
 
 
 def llama_run(llm, prompt_text, n):
+    # Start from an empty KV cache, as phikit does on every call (see the
+    # llama.cpp backend: a reused prefix changes the numerics, so a seed would
+    # not repeat); otherwise the raw path would skip the prompt it saw last time.
+    llm.reset()
     t0 = time.perf_counter()
     first = last = None
     count = 0

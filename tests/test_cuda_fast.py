@@ -67,7 +67,7 @@ def _stock_tokens(model, prompt, n):
 
     from phikit.engine.backends.hf import HFBackend
 
-    ns = types.SimpleNamespace(model=model, device=str(next(model.parameters()).device))
+    ns = types.SimpleNamespace(model=model, device=str(next(model.parameters()).device), fast=None)
     return list(HFBackend._generate(ns, prompt, SamplingParams(temperature=0, max_tokens=n), n))
 
 

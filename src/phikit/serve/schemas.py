@@ -40,11 +40,11 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Body):
+class _SamplingRequest(_Body):
+    """Fields /v1/chat/completions and /v1/completions share."""
+
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1)
@@ -52,22 +52,18 @@ class ChatCompletionRequest(_Body):
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     response_format: dict[str, Any] | None = None
 
 
-class CompletionRequest(_Body):
-    model: str
+class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[str]]
-    max_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
     echo: bool = False
 
 

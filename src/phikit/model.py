@@ -57,6 +57,11 @@ class Model:
         """The joined result of `stream`."""
         return join(self.stream(messages, params, **kw), self.name)
 
+    def generate_batch(self, message_lists: list[str | list[Message]], params: SamplingParams | None = None, **kw) -> list[Result]:
+        """Replies to several independent prompts or chats, run together where the backend
+        batches (transformers; concurrent requests to a remote server), else one by one."""
+        return self.backend.generate_batch([as_messages(m) for m in message_lists], make_params(params, **kw))
+
     def info(self) -> dict:
         """Parameter count, memory footprint (and its 16-bit equivalent), backend, device, context, fixes."""
         d = {"model": self.name, "source": self.spec.source, "format": self.fmt.name, **self.backend.info()}

@@ -38,6 +38,9 @@ def _common(p, max_tokens: int) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--out", default=None, help="results JSON file (meta, metrics, per-item records)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts run together where the backend batches (default: transformers 8, "
+                   "a remote server 8 concurrent requests; llama.cpp runs one at a time)")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (the default, for reproducible scores)")
@@ -57,7 +60,8 @@ def _squad2(args) -> int:
         return _score_file(args)
     model = _load(args)
     res = squad.evaluate(model, args.data, limit=args.limit, context=args.context, store=args.store, k=args.k,
-                         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, progress=not args.no_progress)
+                         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, progress=not args.no_progress,
+                         batch_size=args.batch_size)
     if args.out:
         write_json(args.out, res)
     _print_metrics(res["metrics"], squad.OFFICIAL_KEYS + ("abstain_precision", "abstain_recall", "hallucination_rate",
@@ -98,7 +102,8 @@ def _gsm8k(args) -> int:
 
     model = _load(args)
     res = gsm8k.evaluate(model, args.data, limit=args.limit, reason=args.reason, max_tokens=args.max_tokens,
-                         temperature=args.temperature, seed=args.seed, progress=not args.no_progress)
+                         temperature=args.temperature, seed=args.seed, progress=not args.no_progress,
+                         batch_size=args.batch_size)
     if args.out:
         write_json(args.out, res)
     _print_metrics(res["metrics"], ("accuracy", "correct", "total", "no_answer_rate", "truncated_rate", "latency_p50_s", "latency_p95_s", "tokens_per_s"))

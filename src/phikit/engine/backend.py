@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from ..errors import ContextLengthError
 from ..formats import ChatFormat, Message
-from .types import Chunk, SamplingParams, Stats
+from .types import Chunk, Result, SamplingParams, Stats, join
 
 
 class Backend(ABC):
@@ -24,6 +24,8 @@ class Backend(ABC):
     model_name: str
     fmt: ChatFormat
     context_length: int
+    # How many requests `generate_batch` runs together by default; 1 = this backend does not batch.
+    max_batch: int = 1
 
     def render(self, messages: list[Message], tools: list[dict] | None = None) -> str:
         return self.fmt.render(messages, add_generation_prompt=True, tools=tools)
@@ -35,6 +37,11 @@ class Backend(ABC):
     @abstractmethod
     def stream_prompt(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
         """Stream a continuation of already-rendered prompt text."""
+
+    def generate_batch(self, message_lists: list[list[Message]], params: SamplingParams) -> list[Result]:
+        """Replies to several independent chats. Backends that can run them together override
+        this; the results are those of `stream`, one by one (up to floating-point rounding)."""
+        return [join(self.stream(m, params), self.model_name) for m in message_lists]
 
     @abstractmethod
     def count_tokens(self, text: str) -> int: ...

@@ -86,10 +86,13 @@ def join(chunks, model: str) -> Result:
         parts.append(c.text)
         if c.finish_reason is not None:
             last = c
-    s = last.stats or Stats()
+    return result_of("".join(parts), last.finish_reason or "stop", last.stats or Stats(), model)
+
+
+def result_of(text: str, finish_reason: str, s: Stats, model: str) -> Result:
     return Result(
-        text="".join(parts),
-        finish_reason=last.finish_reason or "stop",
+        text=text,
+        finish_reason=finish_reason,
         prompt_tokens=s.prompt_tokens,
         completion_tokens=s.completion_tokens,
         ttft_s=round(s.ttft_s, 4),

@@ -75,7 +75,7 @@ def read_answer(reply: str) -> tuple[str | None, float | None]:
 
 
 def evaluate(model, data_path: str | Path, limit: int | None = None, reason: bool = False, max_tokens: int = 384,
-             temperature: float = 0.0, seed: int = 0, progress: bool = True) -> dict:
+             temperature: float = 0.0, seed: int = 0, progress: bool = True, batch_size: int | None = None) -> dict:
     """Run `model` on GSM8K problems; returns {"meta", "metrics", "records"} with accuracy."""
     from ..engine.types import SamplingParams
     from .runner import generate_all, meta, speed_metrics
@@ -85,7 +85,8 @@ def evaluate(model, data_path: str | Path, limit: int | None = None, reason: boo
     items = load_gsm8k(data_path, limit)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed).validate()
     t0 = time.perf_counter()
-    gens = generate_all(model, (messages_for(it["question"], reason) for it in items), params, len(items), "gsm8k", progress)
+    gens = generate_all(model, (messages_for(it["question"], reason) for it in items), params, len(items), "gsm8k", progress,
+                        batch_size)
     records = []
     for it, g in zip(items, gens):
         ans, num = read_answer(g["reply"])
@@ -97,10 +98,11 @@ def evaluate(model, data_path: str | Path, limit: int | None = None, reason: boo
         "accuracy": n_right / len(records), "correct": n_right, "total": len(records),
         "no_answer_rate": sum(r["prediction"] is None for r in records) / len(records),
         "truncated_rate": sum(r["finish_reason"] == "length" for r in records) / len(records),
-        **speed_metrics(records),
+        **speed_metrics(records, run_s),
     }
     from ..chat.reasoning import REASON_PROMPT
 
     prompt = {"system": REASON_PROMPT if reason else None, "user": "{question}", "reason": reason,
               "extractor": "phikit.chat.reasoning.extract_answer + parse_number"}
-    return {"meta": meta("gsm8k", model, data_path, limit, params, prompt, run_s=round(run_s, 2)), "metrics": metrics, "records": records}
+    return {"meta": meta("gsm8k", model, data_path, limit, params, prompt, run_s=round(run_s, 2),
+                         batch_size=batch_size or getattr(model.backend, "max_batch", 1)), "metrics": metrics, "records": records}

@@ -2,9 +2,9 @@
 
 Every results file has the same three parts: `meta` (what was run, on what,
 with which prompt, so two files are comparable or visibly not), `metrics`
-and `records` (one per item). Generation goes through `Model.stream`, the
-project's one generation path, one item at a time: neither local backend
-batches, and per-item latency is what we want to report anyway.
+and `records` (one per item). Generation goes through `Model.stream` one item
+at a time, or `Model.generate_batch` where the backend batches (transformers;
+a remote server through concurrent requests).
 """
 
 from __future__ import annotations
@@ -68,36 +68,67 @@ def meta(task: str, model, data_path: str | Path, limit: int | None, params, pro
     }
 
 
-def generate_all(model, message_lists: Iterable[list[dict]], params, total: int, label: str, progress: bool = True) -> Iterator[dict]:
-    """Yield, per prompt, the reply text and its timings; shows a progress bar on stderr."""
+def generate_all(model, message_lists: Iterable[list[dict]], params, total: int, label: str, progress: bool = True,
+                 batch_size: int | None = None) -> Iterator[dict]:
+    """Yield, per prompt and in order, the reply text and its timings; a progress bar on stderr.
+
+    Prompts run `batch_size` at a time where the backend batches (default: the
+    backend's `max_batch`; 1 = one by one through `Model.stream`). Batches are
+    formed from prompts of similar length (less padding); in a batch every item's
+    latency runs from the batch's start to its own last token.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..engine.types import join
 
+    size = batch_size or getattr(model.backend, "max_batch", 1)
+    if size < 1:
+        raise PhikitError(f"--batch-size must be at least 1, got {size}")
     cols = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     console = Console(stderr=True)
     # A live bar draws nothing into a log file (nohup, CI): there, print a line every 5% instead.
     every = max(1, total // 20) if progress and not console.is_terminal else 0
     t_start = time.perf_counter()
+    done = 0
+
+    def advance(bar, task, n: int) -> None:
+        nonlocal done
+        bar.advance(task, n)
+        if every and (done // every != (done + n) // every or done + n == total):
+            print(f"{label}: {done + n}/{total} in {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
+        done += n
+
+    def record(r, latency_s: float) -> dict:
+        return {"reply": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens, "ttft_s": r.ttft_s, "latency_s": round(latency_s, 4)}
+
     with Progress(*cols, console=console, disable=not progress or bool(every)) as bar:
         task = bar.add_task(label, total=total)
-        for i, messages in enumerate(message_lists, 1):
-            t0 = time.perf_counter()
-            r = join(model.stream(messages, params), model.name)
-            out = {
-                "reply": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-                "completion_tokens": r.completion_tokens, "ttft_s": r.ttft_s,
-                "latency_s": round(time.perf_counter() - t0, 4),
-            }
-            bar.advance(task)  # before the yield: a consumer that zips may never resume us after the last item
-            if every and (i % every == 0 or i == total):
-                print(f"{label}: {i}/{total} in {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
-            yield out
+        if size == 1:
+            for messages in message_lists:
+                t0 = time.perf_counter()
+                out = record(join(model.stream(messages, params), model.name), time.perf_counter() - t0)
+                advance(bar, task, 1)  # before the yield: a consumer that zips may never resume us after the last item
+                yield out
+            return
+        chats = list(message_lists)
+        order = sorted(range(len(chats)), key=lambda i: -sum(len(m.get("content") or "") for m in chats[i]))
+        outs: dict[int, dict] = {}
+        for b in range(0, len(order), size):
+            idx = order[b : b + size]
+            for i, r in zip(idx, model.generate_batch([chats[i] for i in idx], params)):
+                outs[i] = record(r, r.total_s)
+            advance(bar, task, len(idx))
+    for i in range(len(outs)):
+        yield outs[i]
 
 
-def speed_metrics(records: list[dict]) -> dict:
-    """Latency p50/p95, mean reply length in tokens, and tokens/s over the whole run."""
+def speed_metrics(records: list[dict], wall_s: float | None = None) -> dict:
+    """Latency p50/p95, mean reply length in tokens, and tokens/s over the whole run.
+
+    wall_s: the run's wall time, when items overlapped (batches, parallel shards): the
+    throughput is then tokens over that time rather than over the sum of latencies."""
     lat = [r["latency_s"] for r in records]
     toks = sum(r["completion_tokens"] for r in records)
     decode_toks = sum(max(r["completion_tokens"] - 1, 0) for r in records)
@@ -109,7 +140,7 @@ def speed_metrics(records: list[dict]) -> dict:
         # Decode rate (tokens after the first over their time), as engine.Stats reports it, pooled over items.
         "tokens_per_s": decode_toks / decode_s if decode_s > 0 else None,
         # End-to-end throughput: every generated token over all the time spent, prompt processing included.
-        "throughput_tokens_per_s": toks / sum(lat) if lat and sum(lat) > 0 else None,
+        "throughput_tokens_per_s": toks / wall_s if wall_s else toks / sum(lat) if lat and sum(lat) > 0 else None,
     }
 
 
@@ -148,12 +179,13 @@ def read_results(path: str | Path) -> dict:
 
 
 def run_squad(model, data_path: str | Path, limit: int | None = None, context: str = "gold", store: str | None = None,
-              k: int = 4, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0, progress: bool = True) -> dict:
+              k: int = 4, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0, progress: bool = True,
+              batch_size: int | None = None) -> dict:
     """Run `model` on SQuAD 2.0 questions with THE grounded prompt; score officially and beyond.
 
     context: "gold" (the question's paragraph) or "retrieved" (top-k chunks
     from the RAG store `store`). An abstention (grounding.is_abstention) is
-    the empty answer. Returns {"meta", "metrics", "records"}.
+    the empty answer. batch_size: see `generate_all`. Returns {"meta", "metrics", "records"}.
     """
     from ..engine.types import SamplingParams
     from ..grounding import SYSTEM, grounded_messages, is_abstention
@@ -168,7 +200,8 @@ def run_squad(model, data_path: str | Path, limit: int | None = None, context: s
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed).validate()
     user_template = grounded_messages("{context}", "{question}")[1]["content"]
     t0 = time.perf_counter()
-    gens = generate_all(model, (grounded_messages(c, q.question) for c, q in zip(contexts, items)), params, len(items), "squad2", progress)
+    gens = generate_all(model, (grounded_messages(c, q.question) for c, q in zip(contexts, items)), params, len(items), "squad2", progress,
+                        batch_size)
     records, preds = [], {}
     for q, ctx, g in zip(items, contexts, gens):
         reply = g["reply"].strip()
@@ -181,10 +214,10 @@ def run_squad(model, data_path: str | Path, limit: int | None = None, context: s
             # Could the model have answered at all? A gold answer must be in what was retrieved.
             records[-1]["answer_retrieved"] = any(squad.normalize_answer(a) in squad.normalize_answer(ctx) for a in q.golds)
     run_s = time.perf_counter() - t0
-    metrics = squad_metrics(dataset, records)
+    metrics = squad_metrics(dataset, records, run_s)
     prompt = {"system": SYSTEM, "user": user_template, "abstain_maps_to": ""}
     m = meta("squad2", model, data_path, limit, params, prompt, context=context, store=store, k=k if store else None,
-             run_s=round(run_s, 2))
+             run_s=round(run_s, 2), batch_size=batch_size or getattr(model.backend, "max_batch", 1))
     return {"meta": m, "metrics": metrics, "records": records}
 
 
@@ -205,7 +238,7 @@ def _retriever(context: str, store: str | None, k: int):
     return lambda question: "\n\n".join(h.text for h in rag.retrieve(question, k))
 
 
-def squad_metrics(dataset: list[dict], records: list[dict]) -> dict:
+def squad_metrics(dataset: list[dict], records: list[dict], wall_s: float | None = None) -> dict:
     """Official, extra and speed metrics of SQuAD records (sets each record's exact and f1)."""
     from . import squad
 
@@ -213,7 +246,7 @@ def squad_metrics(dataset: list[dict], records: list[dict]) -> dict:
     official, exact, f1 = squad.official_eval(squad.restrict(dataset, set(preds)), preds)
     for r in records:
         r["exact"], r["f1"] = exact[r["qid"]], f1[r["qid"]]
-    metrics = {**official, **squad.extra_metrics(records), **speed_metrics(records)}
+    metrics = {**official, **squad.extra_metrics(records), **speed_metrics(records, wall_s)}
     hits = [r["answer_retrieved"] for r in records if "answer_retrieved" in r]
     if hits:
         metrics["retrieval_answer_recall"] = sum(hits) / len(hits)
@@ -236,4 +269,4 @@ def merge_squad(parts: list[dict], data_path: str | Path) -> dict:
     m = {**parts[0]["meta"], "data": str(data_path), "data_sha256": sha256(data_path), "limit": None,
          "run_s": max(p["meta"]["run_s"] for p in parts),
          "shards": [{k: p["meta"][k] for k in ("data", "data_sha256", "run_s", "date")} for p in parts]}
-    return {"meta": m, "metrics": squad_metrics(dataset, records), "records": records}
+    return {"meta": m, "metrics": squad_metrics(dataset, records, m["run_s"]), "records": records}

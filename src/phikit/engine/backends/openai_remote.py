@@ -23,7 +23,7 @@ from typing import Iterator
 from ...errors import ContextLengthError, PhikitError, require
 from ...formats import ChatFormat, Message
 from ..backend import Backend
-from ..types import Chunk, SamplingParams, Stats
+from ..types import Chunk, Result, SamplingParams, Stats, join
 
 DEFAULT_CONTEXT = 4096  # used when the server does not say (vLLM reports max_model_len; Ollama and OpenAI do not)
 
@@ -43,6 +43,7 @@ REMOTE_FORMAT = RemoteFormat(name="remote", stop=(), specials=())
 
 class OpenAIRemoteBackend(Backend):
     name = "openai"
+    max_batch = 8  # concurrent requests in generate_batch
 
     def __init__(self, base_url: str, model_name: str, api_key: str | None = None, context_length: int = DEFAULT_CONTEXT,
                  timeout: float = 600.0):
@@ -112,6 +113,13 @@ class OpenAIRemoteBackend(Backend):
         if params.stop:
             body["stop"] = list(params.stop)
         return body
+
+    def generate_batch(self, message_lists: list[list[Message]], params: SamplingParams) -> list[Result]:
+        """Concurrent requests: the server (vLLM, another phikit, Ollama) batches them as it can."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(message_lists), self.max_batch))) as pool:
+            return list(pool.map(lambda m: join(self.stream(m, params), self.model_name), message_lists))
 
     # -- the stream ----------------------------------------------------------
     def stream(self, messages: list[Message], params: SamplingParams, tools: list[dict] | None = None) -> Iterator[Chunk]:

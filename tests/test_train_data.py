@@ -43,6 +43,19 @@ def test_squad_balancing(shared_data):
     assert all(e.answer and e.answer in e.context for e in ex if e.answerable)
 
 
+def test_squad_questions_per_context_groups_the_same_kept_questions(shared_data):
+    path = shared_data / "squad_v2" / "train.json"
+    flat = read_squad(path, answerable_ratio=2.0, max_context_words=120)
+    grouped = read_squad(path, answerable_ratio=2.0, max_context_words=120, questions_per_context=4)
+    pairs = lambda exs: sorted((e.context, q, a) for e in exs for q, a in [(e.question, e.answer)] + (e.followups or []))  # noqa: E731
+    assert pairs(grouped) == pairs(flat)  # the same questions, only grouped
+    assert len(flat) / 4 <= len(grouped) < len(flat) * 0.6
+    assert max(1 + len(e.followups or []) for e in grouped) == 4
+    chat = next(e for e in grouped if e.followups).chat()
+    assert [m["role"] for m in chat[:5]] == ["system", "user", "assistant", "user", "assistant"]
+    assert chat[3]["content"].startswith("Question: ") and chat[1]["content"].startswith("Context:\n")
+
+
 @pytest.fixture(scope="module")
 def chatml_tok(tiny_dirs):
     from transformers import AutoTokenizer

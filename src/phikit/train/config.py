@@ -43,6 +43,7 @@ class TrainConfig:
     val_data: str | None = None
     squad_answerable_ratio: float | None = None  # e.g. 2.0 = two answerable per unanswerable; None = as in the file
     squad_max_context_words: int | None = None  # skip SQuAD paragraphs longer than this (cheaper CPU recipes)
+    squad_questions_per_context: int = 1  # >1: several questions of a paragraph in one conversation (data.read_squad)
     # checkpoints and logs
     save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 2

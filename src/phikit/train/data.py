@@ -29,11 +29,16 @@ class Example:
     answer: str | None = None
     text: str | None = None  # plain text: trained on all of it
     answerable: bool = True
+    # More (question, answer) turns about the same context, asked after the first (squad_questions_per_context).
+    followups: list[tuple[str, str]] | None = None
 
     def chat(self, context: str | None = None) -> list[dict]:
         if self.context is not None:
             ctx = self.context if context is None else context
-            return grounded_messages(ctx, self.question) + [{"role": "assistant", "content": self.answer}]
+            msgs = grounded_messages(ctx, self.question) + [{"role": "assistant", "content": self.answer}]
+            for q, a in self.followups or ():
+                msgs += [{"role": "user", "content": f"Question: {q}"}, {"role": "assistant", "content": a}]
+            return msgs
         return self.messages
 
 
@@ -53,13 +58,18 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def read_squad(path: Path, answerable_ratio: float | None = None, max_context_words: int | None = None, seed: int = 42) -> list[Example]:
+def read_squad(path: Path, answerable_ratio: float | None = None, max_context_words: int | None = None, seed: int = 42,
+               questions_per_context: int = 1) -> list[Example]:
     """SQuAD 2.0: answerable -> the first answer text; unanswerable -> ABSTAIN.
 
     `answerable_ratio` (e.g. 2.0) keeps at most that many answerable examples per
     unanswerable one (or the reverse), so the abstention phrase, identical in
     every unanswerable example and hence the easiest thing to learn, does not
     dominate the loss.
+    `questions_per_context` > 1 asks up to that many of a paragraph's kept questions
+    in one conversation (the first in the grounded prompt, the rest as follow-up
+    turns): the paragraph, most of an example's tokens, is then paid for once per
+    several answers, which matters where compute is the limit (a CPU recipe).
     """
     try:
         doc = json.loads(path.read_text())
@@ -88,6 +98,17 @@ def read_squad(path: Path, answerable_ratio: float | None = None, max_context_wo
             no = no[: int(len(has) / answerable_ratio)]
     out = has + no
     rng.shuffle(out)
+    if questions_per_context > 1:
+        by_ctx: dict[str, list[Example]] = {}
+        for ex in out:
+            by_ctx.setdefault(ex.context, []).append(ex)
+        out = []
+        for group in by_ctx.values():
+            for i in range(0, len(group), questions_per_context):
+                first, *rest = group[i : i + questions_per_context]
+                first.followups = [(e.question, e.answer) for e in rest] or None
+                out.append(first)
+        rng.shuffle(out)
     return out
 
 
@@ -132,11 +153,12 @@ def read_jsonl(path: Path) -> list[Example]:
     return out
 
 
-def read_examples(path: Path, answerable_ratio: float | None = None, max_context_words: int | None = None, seed: int = 42) -> list[Example]:
+def read_examples(path: Path, answerable_ratio: float | None = None, max_context_words: int | None = None, seed: int = 42,
+                  questions_per_context: int = 1) -> list[Example]:
     if path.suffix == ".jsonl":
         return read_jsonl(path)
     if path.suffix == ".json":
-        return read_squad(path, answerable_ratio, max_context_words, seed)
+        return read_squad(path, answerable_ratio, max_context_words, seed, questions_per_context)
     raise DataError(f"{path}: use a .jsonl file (messages / context+question+answer / text) or a SQuAD 2.0 .json file")
 
 

@@ -48,25 +48,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-data", help="separate validation file (instead of --val-split)")
     g.add_argument("--squad-answerable-ratio", type=float, help="SQuAD: answerable per unanswerable example, e.g. 2")
     g.add_argument("--squad-max-context-words", type=int, help="SQuAD: skip paragraphs longer than this (cheaper CPU runs)")
+    g.add_argument("--squad-questions-per-context", type=int,
+                   help="SQuAD: up to N questions of a paragraph in one conversation (follow-up turns) [1]")
     g.add_argument("--save-every", type=int, help="optimizer steps between checkpoints [50]")
     g.add_argument("--keep-last", type=int, help="checkpoints kept [2]")
     g.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
+    g = p.add_argument_group("several GPUs (data parallel, torch DDP)")
+    g.add_argument("--gpus", type=int, help="train in N processes through torchrun: one per GPU on CUDA, N gloo processes with "
+                   "--device cpu; global batch = micro x accum x N. Under torchrun / accelerate launch, leave it out")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
 def run(args) -> int:
+    import os
+
+    from ..errors import PhikitError
     from ..train import make_config, train
+    from ..train.distributed import env_world, launch
 
     names = ("data", "out", "model", "quant", "device", "format", "lora_r", "lora_alpha", "lora_dropout", "lr",
              "warmup_ratio", "epochs", "micro_batch", "grad_accum", "optimizer", "weight_decay", "max_seq",
              "group_by_length", "gradient_checkpointing", "seed", "limit", "max_steps", "val_split", "val_data",
-             "squad_answerable_ratio", "squad_max_context_words", "save_every", "keep_last", "resume", "progress")
+             "squad_answerable_ratio", "squad_max_context_words", "squad_questions_per_context", "save_every", "keep_last", "resume", "progress")
     flags = {n: getattr(args, n) for n in names}
     if args.lora_targets:
         flags["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     cfg = make_config(args.config, **flags)
-    summary = train(cfg)
+    if args.gpus is not None and args.gpus < 1:
+        raise PhikitError("--gpus must be at least 1")
+    if args.gpus and args.gpus > 1 and env_world() is None:
+        rc = launch(cfg, args.gpus)
+        meta = os.path.join(cfg.out, "phikit.json")
+        if rc != 0 or not os.path.isfile(meta):
+            raise PhikitError(f"training in {args.gpus} processes failed (torchrun exit status {rc}): see the messages above")
+        with open(meta) as f:
+            summary = json.load(f)
+    else:
+        summary = train(cfg)
+        if (env_world() or (0,))[0] != 0:  # under torchrun only rank 0 reports
+            return 0
     keys = ("base_model", "format", "steps", "train_s", "tokens_per_s", "final_train_loss", "eval_loss", "optimizer")
     print(json.dumps({k: summary[k] for k in keys} | {"adapter": cfg.out, "examples": summary["data"]["train_examples"],
                                                         "truncated": summary["data"]["truncated"]}))
     return 0
+
+
+if __name__ == "__main__":  # a process started by `phikit train --gpus N` (phikit.train.distributed.launch)
+    import sys
+
+    from ..train.distributed import worker
+
+    sys.exit(worker(sys.argv[1]))

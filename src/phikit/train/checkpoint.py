@@ -46,8 +46,10 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` (adapter weights, optimizer, scheduler, loop position, RNG) atomically."""
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int, rng_ranks: list | None = None) -> Path:
+    """Write checkpoint `step` (adapter weights, optimizer, scheduler, loop position, RNG) atomically.
+
+    `rng_ranks`: every rank's RNG state in a multi-process run (rank 0 writes them all)."""
     import torch
     from peft import get_peft_model_state_dict
 
@@ -64,6 +66,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: di
         "state": state,
         "rng": rng_state(),
     }
+    if rng_ranks is not None:
+        blob["rng_ranks"] = rng_ranks
     try:
         with open(tmp / "trainer.pt", "wb") as f:
             torch.save(blob, f)
@@ -93,8 +97,8 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer.pt").is_file())
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore everything saved by `save_checkpoint`; returns the loop state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore everything saved by `save_checkpoint` (the RNG state of process `rank`); returns the loop state."""
     import torch
     from peft import set_peft_model_state_dict
 
@@ -102,5 +106,5 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     set_peft_model_state_dict(model, blob["adapter"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
+    set_rng_state(blob["rng_ranks"][rank] if "rng_ranks" in blob else blob["rng"])
     return blob["state"]

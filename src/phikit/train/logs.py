@@ -8,9 +8,14 @@ from pathlib import Path
 
 
 class TrainLog:
-    def __init__(self, out: Path, resume_step: int | None = None):
+    """`enabled=False` (ranks other than 0 of a multi-process run) writes nothing and reads back nothing."""
+
+    def __init__(self, out: Path, resume_step: int | None = None, enabled: bool = True):
         self.path = out / "log.jsonl"
         self.png = out / "loss.png"
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step is not None and self.path.is_file():
             # Drop what the killed run logged after its last checkpoint: those steps are replayed.
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
@@ -19,11 +24,15 @@ class TrainLog:
             self.path.write_text("")
 
     def write(self, **rec) -> None:
+        if not self.enabled:
+            return
         rec.setdefault("time", round(time.time(), 3))
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def records(self) -> list[dict]:
+        if not self.enabled:
+            return []
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
 
     def last_loss(self) -> float | None:
@@ -32,6 +41,8 @@ class TrainLog:
 
     def plot(self) -> None:
         """Training loss per step and eval loss per epoch, as a PNG (matplotlib, headless)."""
+        if not self.enabled:
+            return
         import matplotlib
 
         matplotlib.use("Agg")

@@ -21,6 +21,7 @@ from ..errors import DataError, PhikitError
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE, Tokenised, batch_order, collate, file_hash, read_examples, resolve_data_path
+from .distributed import Dist
 from .logs import TrainLog
 
 log = logging.getLogger("phikit")
@@ -126,20 +127,22 @@ def _count_labels(items) -> int:
     return sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in items)
 
 
-def evaluate_loss(model, items, cfg: TrainConfig, pad_id: int, device: str, autocast) -> float | None:
-    """Mean per-token loss on the validation items."""
+def evaluate_loss(model, items, cfg: TrainConfig, pad_id: int, device: str, autocast, dist: Dist | None = None) -> float | None:
+    """Mean per-token loss on the validation items (each process of a multi-process run scores its share)."""
     import torch
 
     if not items:
         return None
+    dist = dist or Dist()
     model.eval()
     total, n = 0.0, 0
     with torch.no_grad():
-        for b in batch_order([len(i) for i, _ in items], cfg.micro_batch, 0, 0, True):
+        for b in dist.shard(batch_order([len(i) for i, _ in items], cfg.micro_batch, 0, 0, True)):
             chunk = [items[i] for i in b]
             ids, att, lab = (t.to(device) for t in collate(chunk, pad_id))
             total += float(_lm_loss(model, ids, att, lab, autocast))
             n += _count_labels(chunk)
+    total, n = dist.all_sum(total, n)
     model.train()
     return total / max(n, 1)
 
@@ -161,6 +164,31 @@ def save_adapter(model, out: Path, meta: dict) -> None:
     _write_json_atomic(out / "phikit.json", meta)
 
 
+def check_inputs(cfg: TrainConfig) -> tuple[Path, list, list, list[Path]]:
+    """Read and check all the data, and refuse to overwrite a run, before the (slow) model load, so a bad line fails fast:
+    (data path, train examples, validation examples, checkpoints in cfg.out). Raises DataError / PhikitError."""
+    data_path = resolve_data_path(cfg.data)
+    examples = read_examples(data_path, cfg.squad_answerable_ratio, cfg.squad_max_context_words, cfg.seed,
+                             cfg.squad_questions_per_context)
+    if cfg.limit:
+        examples = examples[: cfg.limit]
+    train_ex, val_ex = _split(examples, cfg)
+    if not train_ex:
+        raise DataError(f"{data_path}: no training examples left after the validation split")
+    ckpts = list_checkpoints(Path(cfg.out))
+    if ckpts and not cfg.resume:
+        raise PhikitError(f"{cfg.out} already holds checkpoints of a run: pass --resume to continue it, or choose another --out")
+    return data_path, train_ex, val_ex, ckpts
+
+
+def _save(dist: Dist, out: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> None:
+    """A checkpoint written by rank 0 alone (with every rank's RNG state); the others wait until it is whole."""
+    rngs = dist.rng_states()  # a collective: every rank takes part
+    if dist.is_main:
+        save_checkpoint(out, step, model, optimizer, scheduler, dict(state), keep_last, rng_ranks=rngs)
+    dist.barrier()
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     """Train a LoRA adapter as `cfg` says; returns a summary (also in DIR/phikit.json).
 
@@ -179,20 +207,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     from ..models.registry import REGISTRY, resolve
 
     out = Path(cfg.out)
-    data_path = resolve_data_path(cfg.data)
-    # All data is read and checked before the (slow) model load: a bad line fails fast.
-    examples = read_examples(data_path, cfg.squad_answerable_ratio, cfg.squad_max_context_words, cfg.seed)
-    if cfg.limit:
-        examples = examples[: cfg.limit]
-    train_ex, val_ex = _split(examples, cfg)
-    if not train_ex:
-        raise DataError(f"{data_path}: no training examples left after the validation split")
-
-    ckpts = list_checkpoints(out)
-    if ckpts and not cfg.resume:  # checked before the slow model load
-        raise PhikitError(f"{out} already holds checkpoints of a run: pass --resume to continue it, or choose another --out")
+    data_path, train_ex, val_ex, ckpts = check_inputs(cfg)
     spec = resolve(cfg.model)
-    device = resolve_device(cfg.device)
+    # Under torchrun / accelerate launch: join the process group; this rank's GPU is cuda:LOCAL_RANK.
+    dist, device = Dist.from_env(resolve_device(cfg.device))
     quant = _pick_quant(cfg, spec, device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -219,25 +237,31 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
 
     lengths = [len(i) for i, _ in train_items]
     n_micro = math.ceil(len(train_items) / cfg.micro_batch)
-    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+    steps_per_epoch = math.ceil(n_micro / (cfg.grad_accum * dist.world))  # global batch: micro x accum x processes
     total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else contextlib.nullcontext
 
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "epoch": 0, "micro": 0, "tokens": 0, "train_s": 0.0}
     if cfg.resume and ckpts:
-        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
+        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, rank=dist.rank)
+        if state.get("world_size", 1) != dist.world:  # the global batch and the schedule depend on it
+            raise PhikitError(f"{ckpts[-1]} was written by a run on {state.get('world_size', 1)} process(es): resume it with as many (--gpus)")
         log.warning("resumed from %s (step %d)", ckpts[-1], state["step"])
     elif cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
-    tlog = TrainLog(out, resume_step=state["step"] if cfg.resume else None)
+    if dist.world > 1:
+        state["world_size"] = dist.world
+    fwd = dist.wrap(model, _lm_loss, autocast)  # after the resume: DDP starts from the restored weights
+    tlog = TrainLog(out, resume_step=state["step"] if cfg.resume else None, enabled=dist.is_main)
     tlog.write(event="start", total_steps=total, train_examples=len(train_items), val_examples=len(val_items),
                truncated=enc.truncated, dropped=enc.dropped, optimizer=opt_note, quant=quant, device=device,
                trainable_params=sum(p.numel() for p in params))
 
     bar = None
-    if cfg.progress:
+    if cfg.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
@@ -247,15 +271,19 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         batches = batch_order(lengths, cfg.micro_batch, cfg.seed, epoch, cfg.group_by_length)
         while micro < len(batches) and step < total:
             t0 = time.perf_counter()
-            group = [[train_items[i] for i in b] for b in batches[micro : micro + cfg.grad_accum]]
-            n_lab = sum(_count_labels(g) for g in group)
+            group = [[train_items[i] for i in b] for b in batches[micro : micro + cfg.grad_accum * dist.world]]
+            n_lab = sum(_count_labels(g) for g in group)  # over the global batch: the loss is its per-token mean
             loss_sum, n_tok = 0.0, 0
-            for chunk in group:
+            mine = dist.shard(group)
+            for k, chunk in enumerate(mine or group[:1]):  # group[:1]: a rank with no data this step (see backward)
                 ids, att, lab = (t.to(device) for t in collate(chunk, pad_id))
-                loss = _lm_loss(model, ids, att, lab, autocast) / max(n_lab, 1)
-                loss.backward()
-                loss_sum += float(loss.detach())
-                n_tok += int(att.sum())
+                with dist.no_sync(fwd, accumulate=k < len(mine) - 1):
+                    loss = fwd(ids, att, lab) / max(n_lab, 1)
+                    dist.backward(loss, has_data=bool(mine))
+                if mine:
+                    loss_sum += float(loss.detach())
+                    n_tok += int(att.sum())
+            loss_sum, n_tok = dist.all_sum(loss_sum, n_tok)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -272,23 +300,25 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
                 bar.update(1)
             if micro >= len(batches):  # end of epoch: the checkpoint below then starts the next one
                 if cfg.eval_every_epoch and val_items:
-                    val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast)
+                    val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist)
                     tlog.write(step=step, epoch=epoch + 1, eval_loss=round(val_loss, 5))
                 epoch, micro = epoch + 1, 0
                 state.update(epoch=epoch, micro=micro)
             if (cfg.save_every and step % cfg.save_every == 0) or step == stop_after:
-                save_checkpoint(out, step, model, optimizer, scheduler, dict(state), cfg.keep_last)
+                _save(dist, out, step, model, optimizer, scheduler, state, cfg.keep_last)
             if stop_after and step >= stop_after:
                 if bar:
                     bar.close()
                 tlog.plot()
                 return {"stopped_at": step, "out": str(out)}
+            if micro == 0:  # an epoch just ended: the outer loop draws the next epoch's order
+                break
         if micro >= len(batches):
             epoch, micro = epoch + 1, 0
     if bar:
         bar.close()
     if val_items and (val_loss is None or not cfg.eval_every_epoch):
-        val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast)
+        val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist)
         tlog.write(step=step, epoch=epoch, eval_loss=round(val_loss, 5))
 
     base_name = spec.name if spec.name in REGISTRY else spec.source
@@ -298,6 +328,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         "fixes": m.fixes,
         "quant": quant,
         "device": device,
+        "processes": dist.world,
         "optimizer": opt_note,
         "lora_targets": targets,
         "config": cfg.to_dict(),
@@ -310,8 +341,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         "final_train_loss": tlog.last_loss(),
         "eval_loss": None if val_loss is None else round(val_loss, 5),
     }
-    save_adapter(model, out, summary)
-    save_checkpoint(out, step, model, optimizer, scheduler, dict(state), cfg.keep_last)
+    if dist.is_main:
+        save_adapter(model, out, summary)
+    _save(dist, out, step, model, optimizer, scheduler, state, cfg.keep_last)
     tlog.write(event="done", **{k: summary[k] for k in ("steps", "train_s", "tokens_per_s", "eval_loss")})
     model.eval()
     tlog.plot()

@@ -1,0 +1,198 @@
+"""Data-parallel training through torch's own engine (torch.distributed + DDP).
+
+Under `torchrun` / `accelerate launch` (RANK, WORLD_SIZE, LOCAL_RANK in the
+environment) every process runs the same `train()`; this module is the only
+place that knows there are several:
+
+- the process group: nccl on CUDA, gloo on the CPU (what CI runs: 2 gloo processes);
+- one device per local rank;
+- the model wrapped in DDP around a small module whose forward computes phikit's
+  loss, so DDP's own hooks all-reduce the LoRA gradients (the loss calls the
+  decoder and the LM head directly, which would bypass a wrapped PeftModel);
+- sharding: each optimizer step takes `grad_accum x world` micro-batches from the
+  one seeded, length-grouped order and rank r trains on every world-th of them, so
+  the global batch and its order do not depend on the number of processes;
+- sums across ranks for the logged loss, token counts and eval loss;
+- rank 0 alone writes; every rank's RNG state goes into the checkpoint.
+
+`launch()` starts N processes through `torch.distributed.run` (torchrun): that is
+what `phikit train --gpus N` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import PhikitError
+
+
+def env_world() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from a torchrun / accelerate environment, None when not launched so."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+class Dist:
+    """The run's place among its processes. `Dist()` is a plain single process: every method is then the
+    identity or a no-op, so such a run takes exactly the code path (and arithmetic) it always had.
+    Under torchrun even a world of 1 goes through DDP and the collectives (`ddp`): one GPU can check that path."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, ddp: bool = False):
+        self.rank, self.world, self.local_rank, self.ddp = rank, world, local_rank, ddp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str) -> tuple["Dist", str]:
+        """Join the process group the environment describes (if any); returns (Dist, this rank's device)."""
+        place = env_world()
+        if place is None:
+            return cls(), device
+        import atexit
+
+        import torch
+        import torch.distributed as td
+
+        rank, world, local = place
+        if device.startswith("cuda"):
+            if local >= torch.cuda.device_count():
+                raise PhikitError(f"local rank {local} has no GPU: {torch.cuda.device_count()} visible; launch at most that many processes per node")
+            device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        if not td.is_initialized():
+            td.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            atexit.register(td.destroy_process_group)
+        return cls(rank, world, local, ddp=True), device
+
+    # --- data -------------------------------------------------------------------
+    def shard(self, items: list) -> list:
+        """This rank's part of a list of micro-batches: every world-th one from its rank on."""
+        return items if self.world == 1 else items[self.rank :: self.world]
+
+    def all_sum(self, *values: float) -> tuple:
+        """Sums over ranks (float64 on the CPU for gloo, the device's for nccl); the values themselves on one process."""
+        if not self.ddp:
+            return values
+        import torch
+        import torch.distributed as td
+
+        dev = f"cuda:{self.local_rank}" if td.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.float64, device=dev)
+        td.all_reduce(t)
+        return tuple(type(v)(x) for v, x in zip(values, t.tolist()))
+
+    # --- model ------------------------------------------------------------------
+    def wrap(self, model, loss_fn, autocast):
+        """A callable (ids, att, lab) -> summed loss; under DDP the loss is computed inside DDP's forward."""
+        if not self.ddp:
+            return lambda ids, att, lab: loss_fn(model, ids, att, lab, autocast)
+        import torch
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        class LossModule(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, ids, att, lab):
+                return loss_fn(self.model, ids, att, lab, autocast)
+
+        mod = LossModule()
+        # The frozen base weights were read from the same files on every rank: DDP's start-up broadcast of
+        # them would only copy them again (28 GB for phi-4 in bf16). Only the LoRA weights are synced.
+        frozen = [n for n, p in mod.named_parameters() if not p.requires_grad] + [n for n, _ in mod.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(mod, frozen)
+        dev = [self.local_rank] if next(model.parameters()).is_cuda else None
+        # find_unused_parameters=False: every LoRA layer runs in every forward (all linear projections
+        # of every block), so DDP need not walk the graph each step. The buffers (rotary tables) are
+        # constants, ignored above, so DDP syncs none of them.
+        return DDP(mod, device_ids=dev, find_unused_parameters=False)
+
+    def no_sync(self, fwd, accumulate: bool):
+        """DDP's no_sync() for every micro-batch but a rank's last of the step: one all-reduce per step."""
+        return fwd.no_sync() if accumulate and self.ddp else contextlib.nullcontext()
+
+    def backward(self, loss, has_data: bool = True) -> None:
+        """Backward of this rank's part of the step's loss. DDP averages gradients over ranks while the
+        loss is already normalised by the label count of the whole global batch, so it is scaled by
+        the world size to make the average the single-process sum. A rank left without data in an
+        epoch's last, short step still takes part in the all-reduce, at weight 0."""
+        if not self.ddp:
+            loss.backward()
+        else:
+            (loss * (self.world if has_data else 0)).backward()
+
+    # --- files ------------------------------------------------------------------
+    def barrier(self) -> None:
+        if self.ddp:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def rng_states(self) -> list | None:
+        """Every rank's RNG state (rank order), gathered on all ranks; None on one process."""
+        if not self.ddp:
+            return None
+        import torch.distributed as td
+
+        from .checkpoint import rng_state
+
+        states: list = [None] * self.world
+        td.all_gather_object(states, rng_state())
+        return states
+
+
+def launch(cfg, nproc: int, stop_after: int | None = None) -> int:
+    """Run `train(cfg)` in `nproc` processes through torchrun (one per GPU on CUDA, gloo processes on the CPU).
+
+    The config travels as a JSON file; rank 0 writes the results into cfg.out. Returns torchrun's exit status.
+    """
+    from .loop import check_inputs
+
+    if nproc < 1:
+        raise PhikitError("--gpus must be at least 1")
+    check_inputs(cfg)  # a bad data line or an existing run fails here, once, not in every process
+    if not cfg.device.startswith("cpu"):
+        import torch
+
+        if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+            raise PhikitError(f"--gpus {nproc}: only {torch.cuda.device_count()} CUDA GPU(s) visible; use --gpus {torch.cuda.device_count()} or fewer")
+    with tempfile.TemporaryDirectory(prefix="phikit-launch-") as d:
+        spec = Path(d) / "train.json"
+        spec.write_text(json.dumps({"config": cfg.to_dict(), "stop_after": stop_after}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "phikit.cli.train", str(spec)]
+        env = dict(os.environ)
+        # torchrun sets OMP_NUM_THREADS=1 for several processes; on the CPU share the cores among them instead.
+        if "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        return subprocess.run(cmd, env=env).returncode
+
+
+def worker(spec_path: str) -> int:
+    """One process started by `launch()` (`python -m phikit.cli.train FILE`): read the launch file and train;
+    nothing is printed (the launcher reports from DIR/phikit.json)."""
+    import logging
+
+    from .config import TrainConfig
+    from .loop import train
+
+    logging.basicConfig(level=logging.WARNING, format=f"phikit[rank {os.environ.get('RANK', '0')}]: %(message)s", stream=sys.stderr)
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        train(TrainConfig(**spec["config"]), stop_after=spec["stop_after"])
+    except PhikitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+

@@ -2,11 +2,15 @@
 its Q4_1 GGUF) and a tiny random Phi-3 model. One JSON object per measurement on
 stdout; with --write, also all of them to benchmarks/results/export.json.
 
-    python benchmarks/export.py [--write] [--only tiny|embedded]
+    python benchmarks/export.py [--write] [--only tiny|embedded] [--formats gptq] [--threads 1]
 
 Each measurement is one `phikit.export.export()` call, as `phikit export` runs it:
 load + merge + write. 4-bit GGUFs are also scored: top-1 agreement with the
 source model on a few prompts, and relative RMS logit error (llama.cpp vs transformers).
+GPTQ exports (AutoRound, calibrated on the shared SQuAD 2.0 train set, settings in
+GPTQ_SETTINGS) are loaded back with transformers + AutoRoundConfig and scored by top-1
+agreement with the fp32 source over every position of 4 chat prompts. --write replaces
+the rows it measured in results/export.json and keeps the others.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("merged", None), ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_0"), ("gguf", "q4_k_m"), ("ollama", "q4_k_m")]
+# Small enough to finish on a 2-core CPU (auto-round's defaults are iters 200, nsamples 128, seqlen 2048);
+# SmolLM2's width 576 is not a multiple of 128, hence group 64.
+GPTQ_SETTINGS = {
+    "tiny": dict(group_size=32, iters=50, nsamples=16, seqlen=128, batch_size=4),
+    "embedded": dict(group_size=64, iters=20, nsamples=16, seqlen=128, batch_size=4),
+}
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence."]
 
 
@@ -55,11 +65,30 @@ def fidelity(model_arg: str | None, gguf_path: Path) -> dict:
 fidelity.cache = {}
 
 
+def gptq_fidelity(model_arg: str | None, out: Path) -> dict:
+    """Top-1 agreement of the GPTQ export (auto-round's CPU kernels) with the fp32 source."""
+    from phikit.export.gptq import load_gptq, top1_agreement
+    from phikit.export.merge import load_merged
+
+    m = fidelity.cache.get(model_arg) or load_merged(model_arg)
+    fidelity.cache[model_arg] = m
+    q, _ = load_gptq(out)
+    return top1_agreement(m.model, q, m.tokenizer, m.fmt)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--only", choices=["tiny", "embedded"])
+    ap.add_argument("--formats", default="merged,gguf,ollama,gptq", help="comma-separated formats to measure")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--gptq", default="{}", help='JSON overriding GPTQ_SETTINGS, e.g. \'{"iters": 0}\'')
     args = ap.parse_args()
+    formats = set(args.formats.split(","))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny import build_model_dir
 
@@ -70,23 +99,38 @@ def main() -> int:
         tmp = Path(tmp)
         models = []
         if args.only != "embedded":
-            models.append(("tiny-phi3 (2 layers, hidden 64, vocab 32064)", str(build_model_dir("phi3", tmp / "tiny-phi3"))))
+            models.append(("tiny", "tiny-phi3 (2 layers, hidden 64, vocab 32064)", str(build_model_dir("phi3", tmp / "tiny-phi3"))))
         if args.only != "tiny":
-            models.append(("smollm2-135m (embedded, from Q4_1 GGUF)", None))
-        for label, model_arg in models:
-            for fmt, quant in CASES:
+            models.append(("embedded", "smollm2-135m (embedded, from Q4_1 GGUF)", None))
+        for key, label, model_arg in models:
+            for fmt, quant in CASES + [("gptq", None)]:
+                if fmt not in formats:
+                    continue
                 out = tmp / f"out-{fmt}-{quant}" if fmt != "gguf" else tmp / f"out-{quant}.gguf"
+                gptq = None
+                if fmt == "gptq":
+                    from phikit.export.gptq import GPTQSettings
+
+                    settings = GPTQ_SETTINGS[key] | json.loads(args.gptq)
+                    gptq = GPTQSettings(**settings)
                 t0 = time.perf_counter()
-                r = export(model_arg, format=fmt, out=out, quant=quant, force=True)
-                row = {"model": label, "format": fmt, "quant": quant, "seconds": round(time.perf_counter() - t0, 2),
+                r = export(model_arg, format=fmt, out=out, quant=quant, force=True, gptq=gptq)
+                row = {"model": label, "format": fmt, "quant": r.quant, "seconds": round(time.perf_counter() - t0, 2),
                        "bytes": r.bytes, "mb": round(r.bytes / 1e6, 2), "machine": f"{platform.machine()} CPU, shared"}
+                if gptq:
+                    row["settings"] = settings | {"threads": args.threads or "default"}
+                    row.update(gptq_fidelity(model_arg, out))
                 if fmt == "gguf" and quant != "f16":
                     row.update(fidelity(model_arg, out))
                 print(json.dumps(row), flush=True)
                 results.append(row)
     if args.write:
-        (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-        (ROOT / "benchmarks" / "results" / "export.json").write_text(json.dumps(results, indent=1) + "\n")
+        path = ROOT / "benchmarks" / "results" / "export.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = lambda r: (r["model"], r["format"], r["quant"], json.dumps(r.get("settings")))  # noqa: E731
+        new = {key(r) for r in results}
+        old = json.loads(path.read_text()) if path.is_file() else []
+        path.write_text(json.dumps([r for r in old if key(r) not in new] + results, indent=1) + "\n")
     return 0
 
 

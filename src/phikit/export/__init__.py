@@ -1,4 +1,4 @@
-"""Export a model (+ LoRA adapter) as merged safetensors, GGUF or an Ollama Modelfile.
+"""Export a model (+ LoRA adapter) as merged safetensors, GGUF, an Ollama Modelfile or GPTQ 4-bit.
 
     phikit.export.export("phi-3-mini", adapter="runs/a", format="gguf", out="m.gguf", quant="q4_0")
 
@@ -13,14 +13,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import PhikitError
 from .files import atomic_path, check_out, size_of
 
-# GPTQ (through auto-round) is not offered yet: it quantises on the CPU here but
-# slowly (~3 min for a 2-layer toy model), and loading the result back needs
-# transformers' AutoRoundConfig backend; see docs/export.md.
-FORMATS = ("merged", "gguf", "ollama")
+if TYPE_CHECKING:
+    from .gptq import GPTQSettings
+
+FORMATS = ("merged", "gguf", "ollama", "gptq")
 
 
 @dataclass
@@ -47,11 +48,15 @@ def export(
     force: bool = False,
     dtype: str = "bfloat16",
     chat_format: str | None = None,
+    calib: str | None = None,
+    gptq: "GPTQSettings | None" = None,
 ) -> ExportResult:
-    """Export `model` (+ `adapter`) to `out` in `format` (merged | gguf | ollama).
+    """Export `model` (+ `adapter`) to `out` in `format` (merged | gguf | ollama | gptq).
 
     quant: GGUF quant type (default f16; see gguf_file.QUANTS). system: SYSTEM line
-    of an Ollama Modelfile. dtype: of merged weights. Raises PhikitError on bad input; nothing is written under
+    of an Ollama Modelfile. dtype: of merged weights. calib: calibration data for gptq
+    (default: the adapter's training data, else the shared SQuAD set); gptq: AutoRound
+    settings (gptq.GPTQSettings). Raises PhikitError on bad input; nothing is written under
     `out` unless the export completes.
     """
     if format not in FORMATS:
@@ -66,6 +71,14 @@ def export(
             raise PhikitError(f"unknown GGUF quant {quant!r}: use one of {', '.join(QUANTS)}")
     elif quant:
         raise PhikitError(f"--quant applies to gguf and ollama exports, not {format}")
+    if format == "gptq":
+        from .gptq import GPTQSettings, calibration_source
+
+        gptq = gptq or GPTQSettings()
+        gptq.check()
+        calib_path, calib_note = calibration_source(calib, adapter)  # before the slow load
+    elif calib or gptq:
+        raise PhikitError(f"--calib and the GPTQ settings apply to gptq exports, not {format}")
     t0 = time.perf_counter()
     from .merge import load_merged, save_merged
 
@@ -77,6 +90,11 @@ def export(
             from .gguf_file import write_gguf
 
             write_gguf(m, tmp, quant)
+        elif format == "gptq":
+            from .gptq import write_gptq
+
+            m.notes += write_gptq(m, tmp, gptq, calib_path, calib_note)
+            quant = f"w{gptq.bits}g{gptq.group_size}"
         else:
             from .gguf_file import write_gguf
             from .ollama import modelfile

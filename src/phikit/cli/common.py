@@ -10,6 +10,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None, help="registry name, HF directory, .gguf file or hub id (default: the embedded SmolLM2-135M)")
     g.add_argument("--quant", choices=["none", "nf4", "int4"], default="none", help="4-bit NF4 (bitsandbytes, CPU or CUDA), int4 (CUDA fast path) or none")
     g.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="transformers weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--backend", choices=["auto", "transformers", "llamacpp", "openai"], default="auto")
     g.add_argument("--base-url", default=None, help="with --backend openai: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (key: $OPENAI_API_KEY)")
     g.add_argument("--adapter", default=None, help="LoRA adapter directory to apply")
@@ -34,6 +36,7 @@ def load_from_args(args):
     m = phikit.load(
         args.model, quant=args.quant, device=args.device, backend=args.backend,
         adapter=args.adapter, format=args.format, n_ctx=args.n_ctx, threads=getattr(args, "threads", None), base_url=getattr(args, "base_url", None),
+        dtype=getattr(args, "dtype", None),
     )
     return m
 

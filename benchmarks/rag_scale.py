@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument("--sample", type=int, default=2000, help="chunks embedded for real to measure the embedder and to reuse")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rag_scale.json"))
+    ap.add_argument("--note", default=None, help="recorded in every row (e.g. where and with which weights it ran)")
     args = ap.parse_args()
     import faiss
     import numpy as np
@@ -77,6 +78,8 @@ def main() -> int:
     results = []
 
     def emit(d):
+        if args.note:
+            d["note"] = args.note
         results.append(d)
         print(json.dumps(d), flush=True)
 
@@ -92,7 +95,7 @@ def main() -> int:
         real.encode([q])
         lat.append(time.perf_counter() - t0)
     qvecs = real.encode(qtexts)
-    emit({"measure": "embed", "embedder": real.name, "chunks": len(sample), "avg_chunk_chars": round(float(np.mean([len(c) for c in sample])), 1),
+    emit({"measure": "embed", "embedder": real.name, "device": str(real.model.device), "chunks": len(sample), "avg_chunk_chars": round(float(np.mean([len(c) for c in sample])), 1),
           "chunks_per_s": round(embed_rate, 1), "query_embed_ms_p50": pct(lat, 50), "query_embed_ms_p95": pct(lat, 95)})
 
     class Reused(Embedder):

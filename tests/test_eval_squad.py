@@ -144,8 +144,10 @@ def test_merge_of_shards_scores_like_one_run(tmp_path):
 
     meta = {"task": "squad2", "run_s": 1.0, "data": "s", "data_sha256": "x", "date": "d"}
     merged = merge_squad([{"meta": meta, "records": recs(["q3", "q4"])}, {"meta": meta, "records": recs(["q1", "q2"])}], path)
-    whole = squad_metrics(DATA, recs(["q1", "q2", "q3", "q4"]))
+    # Shards ran in parallel: the run's wall time is the longest shard's (1 s), not the sum.
+    whole = squad_metrics(DATA, recs(["q1", "q2", "q3", "q4"]), wall_s=1.0)
     assert merged["metrics"] == whole
+    assert merged["metrics"]["throughput_tokens_per_s"] == 12 / 1.0
     assert [r["qid"] for r in merged["records"]] == ["q1", "q2", "q3", "q4"]
     with pytest.raises(Exception, match="overlap"):
         merge_squad([{"meta": meta, "records": recs(["q1"])}, {"meta": meta, "records": recs(["q1"])}], path)

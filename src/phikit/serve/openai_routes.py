@@ -53,8 +53,31 @@ def _params(body, max_tokens: int, index: int) -> SamplingParams:
     ).validate()
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+class Usage:
+    """Token counts of one response over all its choices, and the server's metrics per finished stream.
+
+    OpenAI counts a prompt once: a chat request has one prompt (n choices share it, and a
+    tool loop's last round holds the whole conversation, so each finish replaces it); a
+    completions request has one per prompt, shared by that prompt's `per_prompt` choices.
+    """
+
+    def __init__(self, s: ServerState, per_prompt: int | None = None):
+        self.s, self.per_prompt = s, per_prompt
+        self.prompt = self.completion = 0
+
+    def finish(self, i: int, c: Chunk) -> None:
+        """Count the last chunk of choice i's stream."""
+        self.s.record(c)
+        if not c.stats:
+            return
+        self.completion += c.stats.completion_tokens
+        if self.per_prompt is None:
+            self.prompt = c.stats.prompt_tokens
+        elif i % self.per_prompt == 0:
+            self.prompt += c.stats.prompt_tokens
+
+    def dict(self) -> dict:
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion, "total_tokens": self.prompt + self.completion}
 
 
 def _sse(obj: dict) -> str:
@@ -64,6 +87,22 @@ def _sse(obj: dict) -> str:
 def _sse_error(e: Exception) -> str:
     status = getattr(e, "status", 500)
     return _sse({"error": {"message": str(e), "type": "invalid_request_error" if status < 500 else "server_error", "param": None, "code": None}})
+
+
+async def _framed(events: AsyncIterator[str], head: dict, usage: Usage, include_usage: bool) -> AsyncIterator[str]:
+    """An SSE body: the events, then the usage chunk when asked for, then [DONE]; an error
+    after the headers are sent travels as an error event, as OpenAI's does."""
+    try:
+        async for e in events:
+            yield e
+    except PhikitError as e:
+        yield _sse_error(e)
+        return
+    finally:
+        await events.aclose()  # a client that went away closes us: stop the generation under us now, not at GC
+    if include_usage:
+        yield _sse({**head, "choices": [], "usage": usage.dict()})
+    yield "data: [DONE]\n\n"
 
 
 async def _run_all(lease: Lease, first: Iterator[Chunk], makers: list[Callable[[], Iterator[Chunk]]],
@@ -106,11 +145,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "system_fingerprint": FINGERPRINT}
-        return ChunkStreamResponse(_chat_events(s, lease, first, makers, head, include_usage), lease, "text/event-stream")
+        usage = Usage(s)
+        return ChunkStreamResponse(_framed(_chat_events(lease, first, makers, head, include_usage, usage), head, usage, include_usage),
+                                   lease, "text/event-stream")
 
+    usage = Usage(s)
     try:
         texts, events, finishes = [""] * body.n, [[] for _ in range(body.n)], ["stop"] * body.n
-        prompt_tokens = completion = 0
         async for i, c in _run_all(lease, first, makers, watch=True):
             if not isinstance(c, Chunk):  # a ToolEvent
                 events[i].append(c)
@@ -119,9 +160,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             texts[i] += c.text
             if c.finish_reason is not None:
                 finishes[i] = c.finish_reason
-                s.record(c)
-                if c.stats:
-                    prompt_tokens, completion = c.stats.prompt_tokens, completion + c.stats.completion_tokens
+                usage.finish(i, c)
     finally:
         lease.close()
     choices = []
@@ -132,41 +171,31 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             message["tool_calls"] = calls
         choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": "tool_calls" if calls else finishes[i]})
     return {"id": rid, "object": "chat.completion", "created": created, "model": name, "system_fingerprint": FINGERPRINT,
-            "choices": choices, "usage": _usage(prompt_tokens, completion)}
+            "choices": choices, "usage": usage.dict()}
 
 
-async def _chat_events(s: ServerState, lease: Lease, first, makers, head: dict, include_usage: bool) -> AsyncIterator[str]:
+async def _chat_events(lease: Lease, first, makers, head: dict, include_usage: bool, usage: Usage) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
-    prompt_tokens = completion = 0
     started, n_calls = set(), {}
 
     def event(i: int, delta: dict, finish: str | None = None) -> str:
         return _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra})
 
-    try:
-        async for i, c in _run_all(lease, first, makers):
-            if i not in started:  # the first chunk of a choice announces the role
-                started.add(i)
-                yield event(i, {"role": "assistant", "content": ""})
-            if not isinstance(c, Chunk):  # a ToolEvent: one delta carries a whole call
-                for call in tool_calls_of([c]):
-                    k = n_calls.get(i, 0)
-                    n_calls[i] = k + 1
-                    yield event(i, {"tool_calls": [{"index": k, **call}]})
-                continue
-            if c.text:
-                yield event(i, {"content": c.text})
-            if c.finish_reason is not None:
-                s.record(c)
-                if c.stats:
-                    prompt_tokens, completion = c.stats.prompt_tokens, completion + c.stats.completion_tokens
-                yield event(i, {}, "tool_calls" if n_calls.get(i) else c.finish_reason)
-    except PhikitError as e:  # headers are sent: the error travels as an event, as OpenAI's does
-        yield _sse_error(e)
-        return
-    if include_usage:
-        yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion)})
-    yield "data: [DONE]\n\n"
+    async for i, c in _run_all(lease, first, makers):
+        if i not in started:  # the first chunk of a choice announces the role
+            started.add(i)
+            yield event(i, {"role": "assistant", "content": ""})
+        if not isinstance(c, Chunk):  # a ToolEvent: one delta carries a whole call
+            for call in tool_calls_of([c]):
+                k = n_calls.get(i, 0)
+                n_calls[i] = k + 1
+                yield event(i, {"tool_calls": [{"index": k, **call}]})
+            continue
+        if c.text:
+            yield event(i, {"content": c.text})
+        if c.finish_reason is not None:
+            usage.finish(i, c)
+            yield event(i, {}, "tool_calls" if n_calls.get(i) else c.finish_reason)
 
 
 @router.post("/v1/completions")
@@ -187,47 +216,35 @@ async def completions(body: CompletionRequest, request: Request):
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return ChunkStreamResponse(_completion_events(s, lease, first, makers, head, include_usage, echoes if body.echo else None, body.n), lease, "text/event-stream")
+        usage = Usage(s, per_prompt=body.n)
+        events = _completion_events(lease, first, makers, head, include_usage, echoes if body.echo else None, usage)
+        return ChunkStreamResponse(_framed(events, head, usage, include_usage), lease, "text/event-stream")
 
+    usage = Usage(s, per_prompt=body.n)
     try:
-        k = len(makers)
-        texts, finishes, prompt_tokens, completion = [e if body.echo else "" for e in echoes], ["stop"] * k, 0, 0
+        texts, finishes = [e if body.echo else "" for e in echoes], ["stop"] * len(makers)
         async for i, c in _run_all(lease, first, makers, watch=True):
             texts[i] += c.text
             if c.finish_reason is not None:
                 finishes[i] = c.finish_reason
-                s.record(c)
-                if c.stats:
-                    completion += c.stats.completion_tokens
-                    prompt_tokens += c.stats.prompt_tokens if i % body.n == 0 else 0
+                usage.finish(i, c)
     finally:
         lease.close()
     choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finishes[i]} for i in range(len(makers))]
-    return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion)}
+    return {**head, "choices": choices, "usage": usage.dict()}
 
 
-async def _completion_events(s, lease, first, makers, head, include_usage, echoes, n: int) -> AsyncIterator[str]:
+async def _completion_events(lease, first, makers, head, include_usage, echoes, usage: Usage) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
-    prompt_tokens = completion = 0
     started = set()
-    try:
-        async for i, c in _run_all(lease, first, makers):
-            if echoes is not None and i not in started:
-                started.add(i)
-                yield _sse({**head, "choices": [{"index": i, "text": echoes[i], "logprobs": None, "finish_reason": None}], **extra})
-            if c.text or c.finish_reason is not None:
-                yield _sse({**head, "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}], **extra})
-            if c.finish_reason is not None:
-                s.record(c)
-                if c.stats:
-                    completion += c.stats.completion_tokens
-                    prompt_tokens += c.stats.prompt_tokens if i % n == 0 else 0
-    except PhikitError as e:
-        yield _sse_error(e)
-        return
-    if include_usage:
-        yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion)})
-    yield "data: [DONE]\n\n"
+    async for i, c in _run_all(lease, first, makers):
+        if echoes is not None and i not in started:
+            started.add(i)
+            yield _sse({**head, "choices": [{"index": i, "text": echoes[i], "logprobs": None, "finish_reason": None}], **extra})
+        if c.text or c.finish_reason is not None:
+            yield _sse({**head, "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}], **extra})
+        if c.finish_reason is not None:
+            usage.finish(i, c)
 
 
 @router.post("/v1/embeddings")

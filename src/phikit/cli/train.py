@@ -53,9 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, help="optimizer steps between checkpoints [50]")
     g.add_argument("--keep-last", type=int, help="checkpoints kept [2]")
     g.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
-    g = p.add_argument_group("several GPUs (data parallel, torch DDP)")
+    g = p.add_argument_group("several GPUs (data parallel, torch DDP or FSDP)")
     g.add_argument("--gpus", type=int, help="train in N processes through torchrun: one per GPU on CUDA, N gloo processes with "
                    "--device cpu; global batch = micro x accum x N. Under torchrun / accelerate launch, leave it out")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"], help="with several processes: ddp (a whole model each) or fsdp "
+                   "(16-bit weights sharded over the processes after loading: more memory for activations; not with --quant nf4) [ddp]")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
@@ -69,7 +71,7 @@ def run(args) -> int:
     names = ("data", "out", "model", "quant", "device", "format", "lora_r", "lora_alpha", "lora_dropout", "lr",
              "warmup_ratio", "epochs", "micro_batch", "grad_accum", "optimizer", "weight_decay", "max_seq",
              "group_by_length", "gradient_checkpointing", "seed", "limit", "max_steps", "val_split", "val_data",
-             "squad_answerable_ratio", "squad_max_context_words", "squad_questions_per_context", "save_every", "keep_last", "resume", "progress")
+             "squad_answerable_ratio", "squad_max_context_words", "squad_questions_per_context", "save_every", "keep_last", "resume", "strategy", "progress")
     flags = {n: getattr(args, n) for n in names}
     if args.lora_targets:
         flags["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]

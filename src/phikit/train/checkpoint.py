@@ -46,10 +46,13 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int, rng_ranks: list | None = None) -> Path:
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int, rng_ranks: list | None = None,
+                    fsdp_state: tuple[dict, dict] | None = None) -> Path:
     """Write checkpoint `step` (adapter weights, optimizer, scheduler, loop position, RNG) atomically.
 
-    `rng_ranks`: every rank's RNG state in a multi-process run (rank 0 writes them all)."""
+    `rng_ranks`: every rank's RNG state in a multi-process run (rank 0 writes them all).
+    `fsdp_state`: (trainable weights, optimizer state) gathered in full from an FSDP-sharded model, keyed by
+    parameter name (`Dist.trainable_state`); saved instead of the model's and optimizer's own (shards)."""
     import torch
     from peft import get_peft_model_state_dict
 
@@ -60,8 +63,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     blob = {
-        "adapter": get_peft_model_state_dict(model),
-        "optimizer": optimizer.state_dict(),
+        **({"fsdp_weights": fsdp_state[0]} if fsdp_state else {"adapter": get_peft_model_state_dict(model)}),
+        "optimizer": fsdp_state[1] if fsdp_state else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "state": state,
         "rng": rng_state(),
@@ -97,14 +100,22 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer.pt").is_file())
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore everything saved by `save_checkpoint` (the RNG state of process `rank`); returns the loop state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, dist=None) -> dict:
+    """Restore everything saved by `save_checkpoint` (the RNG state of process `rank`); returns the loop state.
+    `dist`: the run's `Dist`; an FSDP run's checkpoint holds full state dicts that only an FSDP run reloads."""
     import torch
     from peft import set_peft_model_state_dict
 
     blob = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    set_peft_model_state_dict(model, blob["adapter"])
-    optimizer.load_state_dict(blob["optimizer"])
+    fsdp = dist is not None and dist.fsdp
+    if ("fsdp_weights" in blob) != fsdp:
+        was, now = ("fsdp", "ddp (or one process)") if "fsdp_weights" in blob else ("ddp (or one process)", "fsdp")
+        raise PhikitError(f"{path} was written by a --strategy {was} run, this one is {now}: resume it with the strategy it had")
+    if fsdp:
+        dist.load_trainable_state(model, optimizer, blob["fsdp_weights"], blob["optimizer"])
+    else:
+        set_peft_model_state_dict(model, blob["adapter"])
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng_ranks"][rank] if "rng_ranks" in blob else blob["rng"])
     return blob["state"]

@@ -48,6 +48,7 @@ class TrainConfig:
     save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 2
     resume: bool = False
+    strategy: str = "ddp"  # several processes: ddp (each holds the whole model) | fsdp (16-bit weights sharded over them)
     eval_every_epoch: bool = True
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes recorded in phikit.json

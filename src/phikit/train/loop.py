@@ -21,7 +21,7 @@ from ..errors import DataError, PhikitError
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE, Tokenised, batch_order, collate, file_hash, read_examples, resolve_data_path
-from .distributed import Dist
+from .distributed import Dist, check_strategy
 from .logs import TrainLog
 
 log = logging.getLogger("phikit")
@@ -30,6 +30,8 @@ log = logging.getLogger("phikit")
 def _pick_quant(cfg: TrainConfig, spec, device: str) -> str:
     if cfg.quant != "auto":
         return cfg.quant
+    if cfg.strategy == "fsdp":  # FSDP shards 16-bit weights only (check_strategy)
+        return "none"
     return "nf4" if device.startswith("cuda") and not spec.gguf_file else "none"
 
 
@@ -127,8 +129,9 @@ def _count_labels(items) -> int:
     return sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in items)
 
 
-def evaluate_loss(model, items, cfg: TrainConfig, pad_id: int, device: str, autocast, dist: Dist | None = None) -> float | None:
-    """Mean per-token loss on the validation items (each process of a multi-process run scores its share)."""
+def evaluate_loss(model, items, cfg: TrainConfig, pad_id: int, device: str, autocast, dist: Dist | None = None, fwd=None) -> float | None:
+    """Mean per-token loss on the validation items (each process of a multi-process run scores its share).
+    Under FSDP the loss runs through the sharded root `fwd`, and every rank as many passes as the others."""
     import torch
 
     if not items:
@@ -136,12 +139,16 @@ def evaluate_loss(model, items, cfg: TrainConfig, pad_id: int, device: str, auto
     dist = dist or Dist()
     model.eval()
     total, n = 0.0, 0
+    batches = batch_order([len(i) for i, _ in items], cfg.micro_batch, 0, 0, True)
+    work = dist.micro_batches(batches) if dist.fsdp else [(b, True) for b in dist.shard(batches)]
     with torch.no_grad():
-        for b in dist.shard(batch_order([len(i) for i, _ in items], cfg.micro_batch, 0, 0, True)):
+        for b, real in work:
             chunk = [items[i] for i in b]
             ids, att, lab = (t.to(device) for t in collate(chunk, pad_id))
-            total += float(_lm_loss(model, ids, att, lab, autocast))
-            n += _count_labels(chunk)
+            loss = fwd(ids, att, lab) if dist.fsdp else _lm_loss(model, ids, att, lab, autocast)
+            if real:
+                total += float(loss)
+                n += _count_labels(chunk)
     total, n = dist.all_sum(total, n)
     model.train()
     return total / max(n, 1)
@@ -153,11 +160,12 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_adapter(model, out: Path, meta: dict) -> None:
-    """The standard PEFT adapter files plus phikit.json, each moved into `out` only once written in full."""
+def save_adapter(model, out: Path, meta: dict, weights: dict | None = None) -> None:
+    """The standard PEFT adapter files plus phikit.json, each moved into `out` only once written in full.
+    `weights`: the trainable weights gathered in full from an FSDP-sharded model (its own are shards)."""
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
@@ -172,6 +180,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, list, list, list[Path]]:
                              cfg.squad_questions_per_context)
     if cfg.limit:
         examples = examples[: cfg.limit]
+    check_strategy(cfg.strategy, cfg.quant)
     train_ex, val_ex = _split(examples, cfg)
     if not train_ex:
         raise DataError(f"{data_path}: no training examples left after the validation split")
@@ -184,8 +193,9 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, list, list, list[Path]]:
 def _save(dist: Dist, out: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> None:
     """A checkpoint written by rank 0 alone (with every rank's RNG state); the others wait until it is whole."""
     rngs = dist.rng_states()  # a collective: every rank takes part
+    full = dist.trainable_state(model, optimizer) if dist.fsdp else None  # also a collective
     if dist.is_main:
-        save_checkpoint(out, step, model, optimizer, scheduler, dict(state), keep_last, rng_ranks=rngs)
+        save_checkpoint(out, step, model, optimizer, scheduler, dict(state), keep_last, rng_ranks=rngs, fsdp_state=full)
     dist.barrier()
 
 
@@ -210,7 +220,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     data_path, train_ex, val_ex, ckpts = check_inputs(cfg)
     spec = resolve(cfg.model)
     # Under torchrun / accelerate launch: join the process group; this rank's GPU is cuda:LOCAL_RANK.
-    dist, device = Dist.from_env(resolve_device(cfg.device))
+    dist, device = Dist.from_env(resolve_device(cfg.device), cfg.strategy)
+    if cfg.strategy == "fsdp" and not dist.ddp:
+        log.warning("--strategy fsdp: a single process has nothing to shard; training as one process (use --gpus N or torchrun)")
     quant = _pick_quant(cfg, spec, device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -230,6 +242,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         log.warning("%d example(s) longer than max_seq=%d: context truncated (answers kept); %d dropped", enc.truncated, cfg.max_seq, enc.dropped)
 
     model, targets = prepare_lora(model, cfg, spec, quant, device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else contextlib.nullcontext
+    # FSDP replaces the parameters by their shards: shard before the optimizer takes them (DDP wraps after the resume).
+    fwd = dist.wrap(model, _lm_loss, autocast) if dist.fsdp else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_note = _make_optimizer(cfg, params, device)
 
@@ -240,13 +255,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     steps_per_epoch = math.ceil(n_micro / (cfg.grad_accum * dist.world))  # global batch: micro x accum x processes
     total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else contextlib.nullcontext
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "epoch": 0, "micro": 0, "tokens": 0, "train_s": 0.0}
     if cfg.resume and ckpts:
-        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, rank=dist.rank)
+        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, rank=dist.rank, dist=dist)
         if state.get("world_size", 1) != dist.world:  # the global batch and the schedule depend on it
             raise PhikitError(f"{ckpts[-1]} was written by a run on {state.get('world_size', 1)} process(es): resume it with as many (--gpus)")
         log.warning("resumed from %s (step %d)", ckpts[-1], state["step"])
@@ -254,7 +268,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
     if dist.world > 1:
         state["world_size"] = dist.world
-    fwd = dist.wrap(model, _lm_loss, autocast)  # after the resume: DDP starts from the restored weights
+    if dist.fsdp:
+        state["strategy"] = "fsdp"
+    fwd = fwd or dist.wrap(model, _lm_loss, autocast)  # after the resume: DDP starts from the restored weights
     tlog = TrainLog(out, resume_step=state["step"] if cfg.resume else None, enabled=dist.is_main)
     tlog.write(event="start", total_steps=total, train_examples=len(train_items), val_examples=len(val_items),
                truncated=enc.truncated, dropped=enc.dropped, optimizer=opt_note, quant=quant, device=device,
@@ -274,13 +290,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
             group = [[train_items[i] for i in b] for b in batches[micro : micro + cfg.grad_accum * dist.world]]
             n_lab = sum(_count_labels(g) for g in group)  # over the global batch: the loss is its per-token mean
             loss_sum, n_tok = 0.0, 0
-            mine = dist.shard(group)
-            for k, chunk in enumerate(mine or group[:1]):  # group[:1]: a rank with no data this step (see backward)
+            mine = dist.micro_batches(group)  # this rank's share; passes at weight 0 where it has none (see backward)
+            for k, (chunk, real) in enumerate(mine):
                 ids, att, lab = (t.to(device) for t in collate(chunk, pad_id))
                 with dist.no_sync(fwd, accumulate=k < len(mine) - 1):
                     loss = fwd(ids, att, lab) / max(n_lab, 1)
-                    dist.backward(loss, has_data=bool(mine))
-                if mine:
+                    dist.backward(loss, has_data=real)
+                if real:
                     loss_sum += float(loss.detach())
                     n_tok += int(att.sum())
             loss_sum, n_tok = dist.all_sum(loss_sum, n_tok)
@@ -300,7 +316,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
                 bar.update(1)
             if micro >= len(batches):  # end of epoch: the checkpoint below then starts the next one
                 if cfg.eval_every_epoch and val_items:
-                    val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist)
+                    val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist, fwd)
                     tlog.write(step=step, epoch=epoch + 1, eval_loss=round(val_loss, 5))
                 epoch, micro = epoch + 1, 0
                 state.update(epoch=epoch, micro=micro)
@@ -318,7 +334,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     if bar:
         bar.close()
     if val_items and (val_loss is None or not cfg.eval_every_epoch):
-        val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist)
+        val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist, fwd)
         tlog.write(step=step, epoch=epoch, eval_loss=round(val_loss, 5))
 
     base_name = spec.name if spec.name in REGISTRY else spec.source
@@ -329,6 +345,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         "quant": quant,
         "device": device,
         "processes": dist.world,
+        "strategy": cfg.strategy if dist.ddp else None,
         "optimizer": opt_note,
         "lora_targets": targets,
         "config": cfg.to_dict(),
@@ -341,8 +358,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         "final_train_loss": tlog.last_loss(),
         "eval_loss": None if val_loss is None else round(val_loss, 5),
     }
+    weights = dist.trainable_state(model, optimizer)[0] if dist.fsdp else None  # gathered by every rank
     if dist.is_main:
-        save_adapter(model, out, summary)
+        save_adapter(model, out, summary, weights)
     _save(dist, out, step, model, optimizer, scheduler, state, cfg.keep_last)
     tlog.write(event="done", **{k: summary[k] for k in ("steps", "train_s", "tokens_per_s", "eval_loss")})
     model.eval()

@@ -6,6 +6,7 @@ with a world of 1. On the CPU: `--nproc 2` runs 2 gloo processes (what the tests
 
     python benchmarks/train_ddp_check.py                      # CUDA: nproc 1, 16-bit and NF4
     python benchmarks/train_ddp_check.py --device cpu --nproc 2
+    python benchmarks/train_ddp_check.py --strategy fsdp        # FSDP2 (16-bit), world of 1 on CUDA
 
 A tiny random Phi-3 model (tests/tiny.py), examples/zorblax_facts.jsonl, LoRA dropout 0 (so both
 runs draw no random masks). The one-process reference runs twice, to show the run-to-run noise
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--quant", nargs="*", help="none and/or nf4 [both on CUDA, none on the CPU]")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="fsdp: 16-bit only (QLoRA + FSDP is refused)")
     args = ap.parse_args()
 
     import torch
@@ -53,7 +55,7 @@ def main() -> None:
     from phikit.train.distributed import launch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    quants = args.quant or (["none", "nf4"] if device == "cuda" else ["none"])
+    quants = args.quant or (["none", "nf4"] if device == "cuda" and args.strategy == "ddp" else ["none"])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model = build_model_dir("phi3", tmp / "model", layers=4, hidden=256)
@@ -62,14 +64,14 @@ def main() -> None:
                           max_seq=256, micro_batch=2, lr=1e-3, max_steps=args.steps, save_every=args.steps // 2,
                           val_split=0.1, lora_dropout=0.0, progress=False)
             row: dict = {"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                         "quant": quant, "nproc": args.nproc, "global_batch": 2 * 2 * args.nproc, "steps": args.steps}
+                         "quant": quant, "strategy": args.strategy, "nproc": args.nproc, "global_batch": 2 * 2 * args.nproc, "steps": args.steps}
             try:
                 t = time.perf_counter()
                 train(make_config(**common, out=str(tmp / f"ref-{quant}"), grad_accum=2 * args.nproc))
                 row["ref_s"] = round(time.perf_counter() - t, 1)
                 train(make_config(**common, out=str(tmp / f"ref2-{quant}"), grad_accum=2 * args.nproc))
                 t = time.perf_counter()
-                rc = launch(make_config(**common, out=str(tmp / f"ddp-{quant}"), grad_accum=2), args.nproc)
+                rc = launch(make_config(**common, out=str(tmp / f"ddp-{quant}"), grad_accum=2, strategy=args.strategy), args.nproc)
                 row["ddp_s_with_start"] = round(time.perf_counter() - t, 1)
                 if rc != 0:
                     raise RuntimeError(f"torchrun exit status {rc}")

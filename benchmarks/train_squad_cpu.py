@@ -36,12 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "squad_v2"
 RESULTS = ROOT / "benchmarks" / "results" / "train_squad_cpu.json"
 
-RECIPE = dict(
-    data=str(SHARED / "train.json"), quant="none", device="cpu",
-    squad_answerable_ratio=2.0, squad_max_context_words=150, squad_questions_per_context=4,
-    epochs=1, lr=2e-3, micro_batch=4, grad_accum=2, max_seq=1024,
-    val_split=0.03, save_every=10, keep_last=2,
-)
+RECIPE_FILE = ROOT / "examples" / "squad_cpu_recipe.yaml"  # the recipe, in the form users run it
 
 
 def scores(m, limit: int) -> dict:
@@ -93,7 +88,10 @@ def main() -> None:
     if not args.skip_train:
         from phikit.train import make_config, train
 
-        recipe = dict(RECIPE, limit=args.examples, out=args.out, resume=args.resume, progress=False)
+        from phikit.train.config import read_config_file
+
+        recipe = dict(read_config_file(RECIPE_FILE), data=str(SHARED / "train.json"), limit=args.examples, out=args.out,
+                      resume=args.resume, progress=False)
         if args.lr:
             recipe["lr"] = args.lr
         if args.max_context_words:

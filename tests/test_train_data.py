@@ -112,3 +112,13 @@ def test_config_file_then_flags(tmp_path):
     f2.write_text('{"lrr": 1}')
     with pytest.raises(DataError, match="unknown setting"):
         make_config(str(f2))
+
+
+def test_shipped_cpu_recipe_is_a_valid_config(tmp_path):
+    from pathlib import Path
+
+    from phikit.train import make_config
+
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "squad_cpu_recipe.yaml"
+    cfg = make_config(str(recipe), out=str(tmp_path / "a"), limit=5)  # flags win over the file
+    assert (cfg.squad_questions_per_context, cfg.squad_answerable_ratio, cfg.lr, cfg.limit) == (4, 2.0, 2e-3, 5)

@@ -28,23 +28,6 @@ SQUAD_KEYS = ("exact", "f1", "total", "HasAns_exact", "HasAns_f1", "NoAns_exact"
 GSM8K_KEYS = ("accuracy", "total", "no_answer_rate", "latency_p50_s", "latency_p95_s", "tokens_per_s")
 
 
-def load(threads: int | None):
-    """The embedded default on llama.cpp; with `threads`, built directly so the thread count can be set
-    (phikit.load always uses every core, and llama.cpp's threads spin badly when cores are shared)."""
-    import time
-
-    import phikit
-
-    if threads is None:
-        return phikit.load()
-    from phikit.engine.backends.llamacpp import LlamaCppBackend
-    from phikit.models.registry import resolve
-
-    t0 = time.perf_counter()
-    spec = resolve(None)
-    return phikit.Model(LlamaCppBackend.load(spec, n_threads=threads), spec, time.perf_counter() - t0)
-
-
 def sharded_squad(args, data: Path) -> dict:
     """Run S shard processes in parallel, then merge their results over the whole file."""
     from phikit.eval import squad
@@ -80,6 +63,7 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
 
+    import phikit
     from phikit.eval.runner import write_json
 
     for task in args.tasks:
@@ -90,12 +74,12 @@ def main() -> int:
             else:
                 from phikit.eval.squad import evaluate
 
-                res = evaluate(load(args.threads), data, limit=args.limit)
+                res = evaluate(phikit.load(threads=args.threads), data, limit=args.limit)
             keys = SQUAD_KEYS
         else:
             from phikit.eval.gsm8k import evaluate
 
-            res = evaluate(load(args.threads), args.data_dir / "gsm8k" / "test.jsonl", limit=args.limit or 200, reason=True)
+            res = evaluate(phikit.load(threads=args.threads), args.data_dir / "gsm8k" / "test.jsonl", limit=args.limit or 200, reason=True)
             keys = GSM8K_KEYS
         res["meta"]["threads_per_process"], res["meta"]["processes"] = args.threads, args.shards if task == "squad2" else 1
         write_json(args.results / f"eval_{task}_{args.suffix}.json", res)

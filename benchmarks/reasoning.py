@@ -85,21 +85,6 @@ def summary(set_name: str, rows: list[dict], model, reason: bool) -> dict:
             "seconds": round(sum(r["seconds"] for r in rows), 1)}
 
 
-def load_model(name: str | None, threads: int | None):
-    """phikit.load(name), or the llama.cpp backend with a set thread count (on a busy machine 1 thread
-    is several times faster than one per core: llama.cpp's threads spin-wait on each other)."""
-    import phikit
-
-    if not threads:
-        return phikit.load(name)
-    from phikit.engine.backends.llamacpp import LlamaCppBackend
-    from phikit.model import Model
-    from phikit.models.registry import resolve
-
-    spec = resolve(name)
-    return Model(LlamaCppBackend.load(spec, n_threads=threads), spec, 0.0)
-
-
 def write(out: Path, doc: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -115,7 +100,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: one per core)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reasoning.json"))
     args = ap.parse_args()
-    model = load_model(args.model, args.threads)
+    import phikit
+
+    model = phikit.load(args.model, threads=args.threads)
     sets = {"tutorial": TUTORIAL, "gsm8k": gsm8k(args.limit)}
     doc = {"model": model.name, "backend": model.backend.name, "limit": args.limit, "max_tokens": args.max_tokens,
            "threads": args.threads or os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": [], "items": []}

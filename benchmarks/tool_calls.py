@@ -226,21 +226,6 @@ def run_model(rows_out: list, summaries: list, model, modes: list[str], stride: 
         save()
 
 
-def load_model(name: str | None, threads: int | None):
-    """phikit.load(name), or the llama.cpp backend with a set thread count (on a busy machine 1 thread
-    is several times faster than one per core: llama.cpp's threads spin-wait on each other)."""
-    import phikit
-
-    if not threads:
-        return phikit.load(name)
-    from phikit.engine.backends.llamacpp import LlamaCppBackend
-    from phikit.model import Model
-    from phikit.models.registry import resolve
-
-    spec = resolve(name)
-    return Model(LlamaCppBackend.load(spec, n_threads=threads), spec, 0.0)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model for the real run (default: the embedded SmolLM2-135M)")
@@ -265,7 +250,9 @@ def main() -> int:
         run_formats(rows, summaries)
         save()
     if not args.skip_model:
-        run_model(rows, summaries, load_model(args.model, args.threads), args.modes.split(","), args.stride, save)
+        import phikit
+
+        run_model(rows, summaries, phikit.load(args.model, threads=args.threads), args.modes.split(","), args.stride, save)
     return 0
 
 

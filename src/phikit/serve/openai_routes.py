@@ -141,15 +141,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ]
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     lease, first = await _generate(request, makers)
+    usage = Usage(s)
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "system_fingerprint": FINGERPRINT}
-        usage = Usage(s)
         return ChunkStreamResponse(_framed(_chat_events(lease, first, makers, head, include_usage, usage), head, usage, include_usage),
                                    lease, "text/event-stream")
 
-    usage = Usage(s)
     try:
         texts, events, finishes = [""] * body.n, [[] for _ in range(body.n)], ["stop"] * body.n
         async for i, c in _run_all(lease, first, makers, watch=True):
@@ -214,13 +213,13 @@ async def completions(body: CompletionRequest, request: Request):
     lease, first = await _generate(request, makers)
     head = {"id": rid, "object": "text_completion", "created": created, "model": name, "system_fingerprint": FINGERPRINT}
 
+    usage = Usage(s, per_prompt=body.n)
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        usage = Usage(s, per_prompt=body.n)
         events = _completion_events(lease, first, makers, head, include_usage, echoes if body.echo else None, usage)
         return ChunkStreamResponse(_framed(events, head, usage, include_usage), lease, "text/event-stream")
 
-    usage = Usage(s, per_prompt=body.n)
     try:
         texts, finishes = [e if body.echo else "" for e in echoes], ["stop"] * len(makers)
         async for i, c in _run_all(lease, first, makers, watch=True):

@@ -78,7 +78,7 @@ def evaluate(model, data_path: str | Path, limit: int | None = None, reason: boo
              temperature: float = 0.0, seed: int = 0, progress: bool = True, batch_size: int | None = None) -> dict:
     """Run `model` on GSM8K problems; returns {"meta", "metrics", "records"} with accuracy."""
     from ..engine.types import SamplingParams
-    from .runner import generate_all, meta, speed_metrics
+    from .runner import batch_size_for, generate_all, meta, speed_metrics
 
     if limit is not None and limit < 1:
         raise PhikitError(f"--limit must be at least 1, got {limit}")
@@ -105,4 +105,4 @@ def evaluate(model, data_path: str | Path, limit: int | None = None, reason: boo
     prompt = {"system": REASON_PROMPT if reason else None, "user": "{question}", "reason": reason,
               "extractor": "phikit.chat.reasoning.extract_answer + parse_number"}
     return {"meta": meta("gsm8k", model, data_path, limit, params, prompt, run_s=round(run_s, 2),
-                         batch_size=batch_size or getattr(model.backend, "max_batch", 1)), "metrics": metrics, "records": records}
+                         batch_size=batch_size_for(model, batch_size)), "metrics": metrics, "records": records}

@@ -82,7 +82,7 @@ def generate_all(model, message_lists: Iterable[list[dict]], params, total: int,
 
     from ..engine.types import join
 
-    size = batch_size or getattr(model.backend, "max_batch", 1)
+    size = batch_size_for(model, batch_size)
     if size < 1:
         raise PhikitError(f"--batch-size must be at least 1, got {size}")
     cols = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
@@ -122,6 +122,11 @@ def generate_all(model, message_lists: Iterable[list[dict]], params, total: int,
             advance(bar, task, len(idx))
     for i in range(len(outs)):
         yield outs[i]
+
+
+def batch_size_for(model, batch_size: int | None) -> int:
+    """The batch size a run uses: the one asked for, else the backend's default (1: no batching)."""
+    return batch_size or getattr(model.backend, "max_batch", 1)
 
 
 def speed_metrics(records: list[dict], wall_s: float | None = None) -> dict:
@@ -217,7 +222,7 @@ def run_squad(model, data_path: str | Path, limit: int | None = None, context: s
     metrics = squad_metrics(dataset, records, run_s)
     prompt = {"system": SYSTEM, "user": user_template, "abstain_maps_to": ""}
     m = meta("squad2", model, data_path, limit, params, prompt, context=context, store=store, k=k if store else None,
-             run_s=round(run_s, 2), batch_size=batch_size or getattr(model.backend, "max_batch", 1))
+             run_s=round(run_s, 2), batch_size=batch_size_for(model, batch_size))
     return {"meta": m, "metrics": metrics, "records": records}
 
 

@@ -108,6 +108,16 @@ def _embed_all(get_emb, docs: list[tuple[str, str, str, list[str], int]], progre
     return out
 
 
+def _queue(s: Summary, todo: list, meta, src: str, kind: str, digest: str, text: str, known: bool, why_empty: str) -> None:
+    """Chunk a new or changed source into `todo` (added or updated), or skip it when it has no text."""
+    chunks = chunk_text(text, meta.chunk_size, meta.overlap)
+    if not chunks:
+        s.skipped.append((src, why_empty))
+        return
+    (s.updated if known else s.added).append(src)
+    todo.append((src, kind, digest, chunks, len(text)))
+
+
 def index_paths(store, paths: list[str | Path], embedder: Embedder | str | None = None, progress: bool = True,
                 chunk_size: int | None = None, overlap: int | None = None) -> Summary:
     """Index the files under `paths` into `store`; returns what was added, updated, removed and skipped."""
@@ -135,12 +145,8 @@ def index_paths(store, paths: list[str | Path], embedder: Embedder | str | None 
             s.skipped.append((src, str(e)))
             continue
         s.notes += [(src, n) for n in notes]
-        chunks = chunk_text(text, meta.chunk_size, meta.overlap)
-        if not chunks:
-            s.skipped.append((src, "no text in it (empty, or a scanned PDF without a text layer)"))
-            continue
-        (s.updated if src in known else s.added).append(src)
-        todo.append((src, "file", digest, chunks, len(text)))
+        _queue(s, todo, meta, src, "file", digest, text, src in known,
+               "no text in it (empty, or a scanned PDF without a text layer)")
     # Files that are gone, and files that now fail to read, lose their chunks: stale text is worse than none.
     skipped = {p for p, _ in s.skipped}
     s.removed = [d.source for d in known.values() if d.kind == "file" and (not Path(d.source).exists() or d.source in skipped)]
@@ -167,12 +173,7 @@ def index_texts(store, items: list[tuple[str, str]], embedder: Embedder | str | 
         if known.get(src) == digest:
             s.unchanged.append(src)
             continue
-        chunks = chunk_text(text, meta.chunk_size, meta.overlap)
-        if not chunks:
-            s.skipped.append((src, "no text"))
-            continue
-        (s.updated if src in known else s.added).append(src)
-        todo.append((src, "text", digest, chunks, len(text)))
+        _queue(s, todo, meta, src, "text", digest, text, src in known, "no text")
     new = _embed_all(emb, todo, progress, s)
     if new:
         store.apply(new, [])

@@ -46,7 +46,7 @@ def test_batch_token_ids_match_the_stream_loop(tiny):
     be = tiny.backend
     params = SamplingParams(max_tokens=10, temperature=0.0)
     prompts = [be.encode(be.render([{"role": "user", "content": p}])) for p in PROMPTS]
-    out_ids, _, _, _ = be._generate_batch(prompts, params, [10] * len(prompts))
+    out_ids, *_ = be._generate_batch(prompts, params, [10] * len(prompts))
     assert out_ids == [list(be._generate(ids, params, 10))[: len(row)] for ids, row in zip(prompts, out_ids)]
     assert any(len(row) == 10 for row in out_ids)
 

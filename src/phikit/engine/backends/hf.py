@@ -93,20 +93,20 @@ class HFBackend(LocalBackend):
         for ids in prompts:
             self.check_fits(len(ids))
         max_new = [min(params.max_tokens, self.context_length - len(ids)) for ids in prompts]
-        out_ids, finish, t_first, t_end = self._generate_batch(prompts, params, max_new)
+        out_ids, texts, finish, t_first, t_end = self._generate_batch(prompts, params, max_new)
         results = []
         for i, ids in enumerate(out_ids):
-            # The stream's detokeniser, so the text is the stream's to the byte (it drops a trailing partial character).
-            detok, guard = IncrementalDetokenizer(self.decode), StopStrings(params.stop)
-            text, hit = guard.feed("".join(detok.add(t) for t in ids))
-            text += "" if hit else guard.flush()
             stats = Stats(prompt_tokens=len(prompts[i]), completion_tokens=len(ids), ttft_s=t_first - t0,
                           prompt_s=t_first - t0, decode_s=t_end[i] - t_first, total_s=t_end[i] - t0)
-            results.append(result_of(text, finish[i], stats, self.model_name))
+            results.append(result_of(texts[i], finish[i], stats, self.model_name))
         return results
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, max_new: list[int]):
-        """Token ids per row (stop id left out), finish reasons, time of the first step, time each row ended."""
+        """Per row: token ids (stop id left out) and text; finish reasons, time of the first step, time each row ended.
+
+        Each row's text goes through the stream's own detokeniser and stop-string guard, token by
+        token, so it is the stream's to the byte and a stop string ends the row as it ends a stream.
+        """
         import torch
         from transformers import DynamicCache
 
@@ -122,7 +122,10 @@ class HFBackend(LocalBackend):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
         out_ids: list[list[int]] = [[] for _ in range(n)]
-        finish, t_end = ["length"] * n, [0.0] * n
+        texts = [""] * n
+        detoks = [IncrementalDetokenizer(self.decode) for _ in range(n)]
+        guards = [StopStrings(params.stop) for _ in range(n)]
+        finish, t_end, hit = ["length"] * n, [0.0] * n, [False] * n
         live = set(range(n))
         cache, t_first = DynamicCache(), None
         with torch.inference_mode():
@@ -137,7 +140,9 @@ class HFBackend(LocalBackend):
                         finish[i] = "stop"
                     else:
                         out_ids[i].append(toks[i])
-                        if params.stop and any(s in self.decode(out_ids[i]) for s in params.stop):
+                        piece, hit[i] = guards[i].feed(detoks[i].add(toks[i]))
+                        texts[i] += piece
+                        if hit[i]:
                             finish[i] = "stop"
                     if finish[i] == "stop" or len(out_ids[i]) >= max_new[i]:
                         live.discard(i)
@@ -148,7 +153,9 @@ class HFBackend(LocalBackend):
                 inp = torch.tensor(toks, device=self.device)[:, None]
                 mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
                 pos = pos[:, -1:] + 1
-        return out_ids, finish, t_first, t_end
+        # As in the stream: a stop string ends the text at its start; otherwise what the guard held back was not one.
+        texts = [t if h else t + g.flush() for t, h, g in zip(texts, hit, guards)]
+        return out_ids, texts, finish, t_first, t_end
 
     def info(self) -> dict:
         m = self.model

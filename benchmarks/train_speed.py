@@ -1,174 +1,282 @@
-"""Training-step speed: phikit's LoRA/QLoRA step vs the stock transformers + peft +
-bitsandbytes loop, on a random Phi-4-mini-sized Phi3ForCausalLM, in the same run.
+"""QLoRA training speed and memory: phikit's step against the stock transformers + peft +
+bitsandbytes loop (and the same with Liger kernels), on random weights of a real shape, in one run.
 
-Both sides: the same base weights (random, saved once, loaded NF4 on CUDA), LoRA r=16
-on all linear projections, gradient checkpointing, 8-bit AdamW, bf16 compute,
-sequence 2048, micro-batch 2, the last 10% of each sequence as the labelled answer.
-They differ only where phikit differs: its loss runs the LM head on the labelled
-positions only (the stock loop computes 200k-vocabulary logits for every position).
+Every side: the same random base weights (saved once, loaded NF4 with double quantisation and
+bf16 compute), LoRA r=16 alpha 16 dropout 0.05 on all linear projections, gradient checkpointing,
+8-bit AdamW (lr 1e-3, so the loss curve moves enough to compare), bf16 autocast, one fixed batch.
+Each side runs in its own process, so its peak memory is its own.
 
-    python benchmarks/train_speed.py            # CUDA, Phi-4-mini size
-    python benchmarks/train_speed.py --tiny     # CPU, tiny size: checks that it runs
+    python benchmarks/train_speed.py --out results.jsonl                       # Phi-4-mini, seq 2048, micro-batch 2
+    python benchmarks/train_speed.py --size phi-4 --micro-batch 1              # phi-4 (14B) shape
+    python benchmarks/train_speed.py --impls phikit --seq 131072 --micro-batch 1 --steps 1 --warmup 0   # longest sequence
+    python benchmarks/train_speed.py --tiny                                    # CPU, tiny shape: checks the script
 
-One JSON object per row: impl, tokens_per_s, step_s, peak_mem_gib, and the shape.
-LongRoPE is left out of the random config (plain RoPE): it does not change the cost.
+One JSON object per side: tokens_per_s (all tokens of the batch over the step time), step_s,
+peak_mem_gib (the most allocated on the GPU while training, resident weights included),
+losses (per measured step; the sides' curves are comparable since data, seed and dropout masks
+are the same), and the shape. RoPE scaling is left out of the random configs: it does not change the cost.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-PHI4_MINI = dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
-                 intermediate_size=8192, vocab_size=200064, tie_word_embeddings=True, partial_rotary_factor=0.75,
-                 max_position_embeddings=4096)
-TINY = dict(PHI4_MINI, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+SHAPES = {
+    "phi-4-mini": dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+                       intermediate_size=8192, vocab_size=200064, tie_word_embeddings=True, partial_rotary_factor=0.75),
+    "phi-4": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10,
+                  intermediate_size=17920, vocab_size=100352, tie_word_embeddings=False),
+}
+SHAPES["tiny"] = dict(SHAPES["phi-4-mini"], hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128)
+IMPLS = ("phikit", "phikit-eager", "phikit-no-offload", "stock", "stock-liger")
 
 
-def build_random(path: str, arch: dict, dtype) -> None:
+def build_random(path: str, shape: str, max_pos: int) -> None:
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Phi3Config(**arch, pad_token_id=199999, eos_token_id=199999, bos_token_id=199999)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Phi3ForCausalLM(cfg).to(dtype)
+    cfg = Phi3Config(**SHAPES[shape], max_position_embeddings=max_pos, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cuda = torch.cuda.is_available() and shape != "tiny"
+    with torch.device("cuda" if cuda else "cpu"):
+        model = Phi3ForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(path)
-    del model
 
 
-def load(path: str, quant: str, device: str):
+def load(path: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
     from phikit.models.loading import nf4_config
 
-    if quant == "nf4":
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(), device_map={"": device}, dtype=torch.bfloat16)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if device == "cuda":
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(), device_map={"": "cuda"}, dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def batch(args, device):
+def batch(args, vocab: int, device: str):
     import torch
 
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 199999, (args.micro_batch, args.seq), generator=g)
+    ids = torch.randint(2, vocab, (args.micro_batch, args.seq), generator=g)
     labels = ids.clone()
-    labels[:, : int(args.seq * 0.9)] = -100
+    labels[:, : int(args.seq * (1 - args.label_frac))] = -100
     return ids.to(device), torch.ones_like(ids).to(device), labels.to(device)
 
 
-def run_phikit(path, args, device, quant):
+def optimizer(params, device: str):
     import torch
 
-    from phikit.models.registry import ModelSpec, PHI_LORA_TARGETS
+    if device == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-3, weight_decay=0.01)
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def make_phikit(path, args, device, offload: bool, compile: bool):
+    import torch
+
+    from phikit.models.registry import PHI_LORA_TARGETS, ModelSpec
     from phikit.train.config import make_config
-    from phikit.train.loop import _lm_loss, _make_optimizer, prepare_lora
+    from phikit.train.loop import _lm_loss, prepare_lora
 
-    cfg = make_config(lora_r=16, lora_alpha=16, gradient_checkpointing=True, optimizer="auto")
-    spec = ModelSpec("random-phi4-mini", None, "phi4-mini", lora_targets=PHI_LORA_TARGETS)
-    model, _ = prepare_lora(load(path, quant, device), cfg, spec, quant, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, note = _make_optimizer(cfg, params, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else __import__("contextlib").nullcontext
-    ids, att, lab = batch(args, device)
-    n_lab = int((lab[:, 1:] != -100).sum())
+    cfg = make_config(lora_r=16, lora_alpha=16, lora_dropout=args.dropout, gradient_checkpointing=True, offload_activations=offload,
+                      compile=compile, seed=0)
+    spec = ModelSpec("random", None, "phi4-mini", lora_targets=PHI_LORA_TARGETS)
+    model, _ = prepare_lora(load(path, device), cfg, spec, "nf4" if device == "cuda" else "none", device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else __import__("contextlib").nullcontext
 
-    def step():
-        loss = _lm_loss(model, ids, att, lab, autocast) / n_lab
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def loss_fn(ids, att, lab, n_lab):
+        return _lm_loss(model, ids, att, lab, autocast) / n_lab
 
-    return step, note
+    return model, loss_fn
 
 
-def run_stock(path, args, device, quant):
+def make_stock(path, args, device, liger: bool):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = load(path, quant, device)
-    if quant == "nf4":
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_phi3
+
+        apply_liger_kernel_to_phi3()  # rope, RMSNorm, SwiGLU and fused linear cross-entropy, patched into transformers' Phi3
+    model = load(path, device)
+    if device == "cuda":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     else:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    if device.startswith("cuda"):
-        import bitsandbytes as bnb
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=args.dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
 
-        opt, note = bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.01), "adamw8bit"
+    def loss_fn(ids, att, lab, n_lab):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            return model(input_ids=ids, attention_mask=att, labels=lab).loss
+
+    return model, loss_fn
+
+
+def worker(args) -> dict:
+    """One side in this process: load, warm up, time `steps` optimizer steps."""
+    import torch
+
+    device = "cpu" if args.size == "tiny" else "cuda"
+    t_load = time.perf_counter()
+    if args.impl.startswith("phikit"):
+        model, loss_fn = make_phikit(args.path, args, device, offload=args.impl != "phikit-no-offload",
+                                     compile=args.impl == "phikit")
     else:
-        opt, note = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01), "torch AdamW"
-    ids, att, lab = batch(args, device)
+        model, loss_fn = make_stock(args.path, args, device, liger=args.impl == "stock-liger")
+    load_s = time.perf_counter() - t_load
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(params, device)
+    ids, att, lab = batch(args, model.config.vocab_size, device)
+    n_lab = int((lab[:, 1:] != -100).sum())
+    cuda = device == "cuda"
+    if cuda:
+        load_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+    def step(k: int) -> None:
+        torch.manual_seed(100 + k)  # the same dropout masks on every side
+        loss = loss_fn(ids, att, lab, n_lab)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        losses.append(round(float(loss), 5))
 
-    return step, note
-
-
-def measure(name, make, path, args, device, quant) -> dict:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    step, note = make(path, args, device, quant)
-    for _ in range(args.warmup):
-        step()
-    if device.startswith("cuda"):
+    t_first = time.perf_counter()
+    for k in range(args.warmup):
+        step(k)
+        if k == 0:
+            if cuda:
+                torch.cuda.synchronize()
+            first_step_s = time.perf_counter() - t_first  # compiling, where a side compiles, happens here
+    if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.startswith("cuda"):
+    for k in range(args.warmup, args.warmup + args.steps):
+        step(k)
+    if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
-    row = {"impl": name, "tokens_per_s": round(args.micro_batch * args.seq / dt, 1), "step_s": round(dt, 4),
-           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None,
-           "seq": args.seq, "micro_batch": args.micro_batch, "quant": quant, "optimizer": note, "device": device,
-           "size": "tiny" if args.tiny else "phi-4-mini", "steps": args.steps,
-           "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
-    print(json.dumps(row), flush=True)
-    del step
-    gc.collect()
+    row = {"impl": args.impl, "size": args.size, "seq": args.seq, "micro_batch": args.micro_batch, "label_frac": args.label_frac,
+           "lora_dropout": args.dropout,
+           "tokens_per_s": round(args.micro_batch * args.seq / dt, 1), "step_s": round(dt, 4),
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+           "load_peak_gib": round(load_peak / 2**30, 3) if cuda else None, "load_s": round(load_s, 1),
+           "steps": args.steps, "warmup": args.warmup, "first_step_s": round(first_step_s, 1) if args.warmup else None, "losses": losses, "optimizer": type(opt).__name__, "quant": "nf4" if cuda else "none"}
+    if args.impl == "phikit":
+        from phikit.train.fast import _Compiled
+
+        row["compiled"] = bool(_Compiled.made) and not any(c.failed for c in _Compiled.made)
+    if args.profile and cuda:
+        row["profile"] = profile(step)
     return row
+
+
+def profile(step) -> dict:
+    """One more step under the profiler: its wall time, the GPU's busy time (all kernels and copies),
+    the 25 CUDA kernels and the 10 CPU-side ops that took the most time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        step(10_000)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    ev = p.key_averages()
+    kernels = sorted(ev, key=lambda e: -e.self_device_time_total)
+    cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:10]
+    return {"wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(sum(e.self_device_time_total for e in ev) / 1e3, 1),
+            "top_kernels": [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count} for e in kernels[:25]],
+            "top_cpu_ops": [{"op": e.key[:60], "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count} for e in cpu]}
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    info = {"row": "environment", "torch": torch.__version__, "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    for name in ("peft", "bitsandbytes", "liger_kernel", "triton"):
+        try:
+            mod = __import__(name)
+            info[name] = getattr(mod, "__version__", "present")
+        except Exception as e:  # not installed: that side is skipped
+            info[name] = f"absent ({type(e).__name__})"
+    return info
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (a smoke run)")
+    ap.add_argument("--size", choices=["phi-4-mini", "phi-4", "tiny"], default="phi-4-mini")
+    ap.add_argument("--tiny", action="store_true", help="tiny shape on the CPU (checks the script)")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--label-frac", type=float, default=1.0, help="the labelled share of each sequence (its end) [1.0]")
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout on every side [0.05]; 0 compares the loss curves "
+                    "without the dropout masks, which differ between kernels of different dtypes")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one more step to each row")
+    ap.add_argument("--out", type=Path, help="append each row here (JSON lines)")
+    ap.add_argument("--impl", help=argparse.SUPPRESS)  # worker mode
+    ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tiny:
+        args.size = "tiny"
+    args.seq = args.seq or (64 if args.tiny else 2048)
+    args.steps = args.steps or (2 if args.tiny else 10)
+    if args.impl:
+        print("ROW " + json.dumps(worker(args)), flush=True)
+        return
+
     import torch
 
-    device = "cpu" if args.tiny else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU: run with --tiny on CPU")
-    args.seq = args.seq or (128 if args.tiny else 2048)
-    args.steps = args.steps or (2 if args.tiny else 10)
-    quant = "none" if args.tiny else "nf4"
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: run with --tiny on the CPU")
+    env = environment()
+    print(json.dumps(env), flush=True)
     with tempfile.TemporaryDirectory() as d:
-        build_random(d, TINY if args.tiny else PHI4_MINI, torch.float32 if args.tiny else torch.bfloat16)
-        # Alternate order so neither side always runs on a warm allocator.
-        for name, make in (("phikit", run_phikit), ("stock-transformers-peft-bnb", run_stock)):
-            measure(name, make, d, args, device, quant)
+        t0 = time.perf_counter()
+        build_random(d, args.size, max(4096, args.seq))
+        print(json.dumps({"row": "built", "size": args.size, "s": round(time.perf_counter() - t0, 1)}), flush=True)
+        for impl in args.impls.split(","):
+            if impl == "stock-liger" and "absent" in str(env["liger_kernel"]) or args.tiny and impl == "stock-liger":
+                row = {"impl": impl, "skipped": "liger-kernel not installed" if not args.tiny else "Triton kernels need CUDA"}
+            else:
+                cmd = [sys.executable, __file__, "--impl", impl, "--path", d, "--size", args.size, "--seq", str(args.seq),
+                       "--micro-batch", str(args.micro_batch), "--label-frac", str(args.label_frac), "--dropout", str(args.dropout), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []) + (["--tiny"] if args.tiny else [])
+                p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                rows = [json.loads(line[4:]) for line in p.stdout.splitlines() if line.startswith("ROW ")]
+                err = p.stderr.strip().splitlines()
+                row = rows[0] if rows else {"impl": impl, "failed": (err[-1] if err else f"exit {p.returncode}")[:400]}
+            row.update(gpu=env.get("gpu"))
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq", type=int, help="longer examples get their context cut, never the answer [2048]")
     g.add_argument("--group-by-length", type=_bool, metavar="BOOL", help="[true]")
     g.add_argument("--gradient-checkpointing", type=_bool, metavar="BOOL", help="[on for CUDA, off on CPU]")
+    g.add_argument("--compile", type=_bool, metavar="BOOL", help="torch.compile each decoder layer (with offloaded activations) [on for CUDA]")
+    g.add_argument("--offload-activations", type=_bool, metavar="BOOL",
+                   help="keep checkpointed layer inputs in CPU memory [on with checkpointing on CUDA, one process]")
     g.add_argument("--seed", type=int, help="[42]")
     g = p.add_argument_group("data and run")
     g.add_argument("--limit", type=int, help="use the first N examples")
@@ -70,7 +73,7 @@ def run(args) -> int:
 
     names = ("data", "out", "model", "quant", "device", "format", "lora_r", "lora_alpha", "lora_dropout", "lr",
              "warmup_ratio", "epochs", "micro_batch", "grad_accum", "optimizer", "weight_decay", "max_seq",
-             "group_by_length", "gradient_checkpointing", "seed", "limit", "max_steps", "val_split", "val_data",
+             "group_by_length", "gradient_checkpointing", "offload_activations", "compile", "seed", "limit", "max_steps", "val_split", "val_data",
              "squad_answerable_ratio", "squad_max_context_words", "squad_questions_per_context", "save_every", "keep_last", "resume", "strategy", "progress")
     flags = {n: getattr(args, n) for n in names}
     if args.lora_targets:

@@ -56,24 +56,57 @@ def _make_optimizer(cfg: TrainConfig, params, device: str):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), note
 
 
-def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str):
+def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str, processes: int = 1):
     """Wrap a loaded model with LoRA as `cfg` says (k-bit preparation for nf4, optional
-    gradient checkpointing); returns (peft model in train mode, target module names)."""
+    gradient checkpointing, its inputs offloaded to CPU memory); returns (peft model in train mode, target module names).
+
+    On CUDA the weights that are not quantised stay bf16. peft's
+    prepare_model_for_kbit_training would make them fp32: for Phi-4-mini that is its
+    200k x 3072 embedding (1.2 GB more) and an fp32 residual stream (twice the
+    activation traffic), while autocast computes the matmuls in bf16 either way.
+    Off CUDA there is no autocast, so the fp32 copies are what the layers compute in.
+    """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device.startswith("cuda")
-    if quant == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gc:
+    cuda = device.startswith("cuda")
+    gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda
+    offload = gc and (cfg.offload_activations if cfg.offload_activations is not None else cuda and processes == 1)
+    if offload and processes > 1:
+        raise PhikitError("--offload-activations runs in one process only (its recompute happens inside the backward "
+                          "call, where DDP/FSDP do not expect gradients); leave it off with --gpus / torchrun")
+    layers = _decoder_layers(model) if offload else None
+    if offload and layers is None:
+        log.warning("%s: no decoder layer list found, so activations are checkpointed on the GPU (not offloaded)", type(model).__name__)
+        offload = False
+    if quant == "nf4" and not cuda:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc and not offload,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc and not offload:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in model.parameters():
+        p.requires_grad_(False)
     model.config.use_cache = False
     targets = _lora_targets(model, cfg, spec)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, lcfg)
+    if offload:
+        from .fast import offload_checkpointing
+
+        offload_checkpointing(layers, compile=cfg.compile if cfg.compile is not None else cuda)
+    elif cfg.compile:
+        log.warning("--compile applies to the offloaded-activation path only (on with checkpointing on CUDA, one process); not compiling")
     model.train()
     return model, targets
+
+
+def _decoder_layers(model):
+    """The model's list of decoder layers (transformers' `model.model.layers`), or None."""
+    import torch
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
 def _lora_targets(model, cfg: TrainConfig, spec) -> list[str]:
@@ -111,17 +144,26 @@ def _lm_loss(model, ids, att, lab, autocast):
     """Summed cross-entropy over label positions.
 
     The LM head runs only on the positions that carry a label (the answer
-    tokens): with a 49k-150k vocabulary that head is a fifth or more of a small
-    model's compute, and the prompt's logits would be thrown away anyway.
+    tokens): with a 49k-200k vocabulary that head is a fifth or more of a small
+    model's compute, and the prompt's logits would be thrown away anyway. A
+    frozen head (LoRA's case) runs in chunks with its gradient taken on the way
+    (fast.linear_cross_entropy), so the logits never exist whole.
     """
     import torch.nn.functional as F
+    from torch import nn
+
+    from .fast import linear_cross_entropy
 
     base = model.get_base_model()
     with autocast():
         hidden = base.base_model(input_ids=ids, attention_mask=att).last_hidden_state
         target = lab[:, 1:]
         keep = target != IGNORE
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+        head = base.get_output_embeddings()
+        h = hidden[:, :-1][keep]
+        if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+            return linear_cross_entropy(h, head.weight, target[keep])
+        logits = head(h)
     return F.cross_entropy(logits.float(), target[keep], reduction="sum")
 
 
@@ -241,7 +283,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     if enc.truncated:
         log.warning("%d example(s) longer than max_seq=%d: context truncated (answers kept); %d dropped", enc.truncated, cfg.max_seq, enc.dropped)
 
-    model, targets = prepare_lora(model, cfg, spec, quant, device)
+    model, targets = prepare_lora(model, cfg, spec, quant, device, dist.world)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else contextlib.nullcontext
     # FSDP replaces the parameters by their shards: shard before the optimizer takes them (DDP wraps after the resume).
     fwd = dist.wrap(model, _lm_loss, autocast) if dist.fsdp else None

@@ -1,0 +1,15 @@
+# The training-speed runs of issue 9 on the device machine (one call; results under $OUT):
+#   run: bash benchmarks/gpu/train_speed.sh [mini|long|phi4|test ...]   carry: .whl (bitsandbytes, liger-kernel wheels)
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for what in "$@"; do
+  case $what in
+    mini) python benchmarks/train_speed.py --impls ${IMPLS:-phikit,phikit-eager,phikit-no-offload,stock,stock-liger} --profile --out $OUT/train_speed_mini.jsonl ;;
+    curve) python benchmarks/train_speed.py --impls phikit,stock --dropout 0 --out $OUT/train_speed_curve.jsonl ;;
+    long) timeout 300 python benchmarks/train_speed.py --impls phikit --seq ${LONG_SEQ:-131072} --micro-batch 1 --steps 1 --warmup 1 --out $OUT/train_speed_long.jsonl ;;
+    phi4) python benchmarks/train_speed.py --size phi-4 --micro-batch 1 --impls phikit,stock --profile --out $OUT/train_speed_phi4.jsonl ;;
+    test) python -m pytest -q -p no:cacheprovider tests/test_train_fast.py 2>&1 | tail -5 ;;
+  esac
+done

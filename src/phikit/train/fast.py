@@ -18,6 +18,7 @@ Two pieces, each small enough to read in one sitting:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -121,15 +122,31 @@ class _Offload:
         return x
 
 
+def _capture(x: torch.Tensor) -> tuple:
+    """What a recompute needs to replay a forward exactly: the RNG states (dropout masks) and autocast."""
+    dev = x.device
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if x.is_cuda else None,
+            torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+
+
+@contextlib.contextmanager
+def _replay(state: tuple, x: torch.Tensor):
+    """Within: the captured RNG states and autocast, with grad on; the caller's RNG is restored after."""
+    rng_cpu, rng_dev, enabled, dtype = state
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        torch.set_rng_state(rng_cpu)
+        if rng_dev is not None:
+            torch.cuda.set_rng_state(rng_dev, x.device)
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            yield
+
+
 class _OffloadedLayer(torch.autograd.Function):
     """Run `fn(x)` without keeping its activations; in backward, recompute it from the parked x."""
 
     @staticmethod
     def forward(ctx, fn, offload, x):
-        ctx.fn, ctx.offload = fn, offload
-        ctx.rng_cpu = torch.get_rng_state()
-        ctx.rng_dev = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        ctx.fn, ctx.offload, ctx.state = fn, offload, _capture(x)
         ctx.entry = offload.park(x.detach())
         with torch.no_grad():
             return fn(x)
@@ -137,14 +154,8 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x = ctx.offload.take(ctx.entry).detach().requires_grad_(True)
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices):  # the recompute draws the same dropout masks
-            torch.set_rng_state(ctx.rng_cpu)
-            if ctx.rng_dev is not None:
-                torch.cuda.set_rng_state(ctx.rng_dev, x.device)
-            enabled, dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-                out = ctx.fn(x)
+        with _replay(ctx.state, x):  # the recompute draws the same dropout masks
+            out = ctx.fn(x)
         torch.autograd.backward(out, grad_out)
         return None, None, x.grad
 
@@ -160,10 +171,7 @@ class _TiledMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, x, rows):
-        ctx.fn, ctx.rows = fn, rows
-        ctx.rng_cpu = torch.get_rng_state()
-        ctx.rng_dev = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        ctx.fn, ctx.rows, ctx.state = fn, rows, _capture(x)
         ctx.save_for_backward(x)
         with torch.no_grad():
             return torch.cat([fn(c) for c in x.split(rows, dim=-2)], dim=-2)
@@ -172,17 +180,10 @@ class _TiledMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        devices = [x.device] if x.is_cuda else []
-        enabled, dtype = ctx.autocast
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.rng_cpu)
-            if ctx.rng_dev is not None:
-                torch.cuda.set_rng_state(ctx.rng_dev, x.device)
+        with _replay(ctx.state, x):  # the chunks in the forward's order, so the forward's dropout masks
             for c, g, gx in zip(x.split(ctx.rows, dim=-2), grad_out.split(ctx.rows, dim=-2), grad_x.split(ctx.rows, dim=-2)):
                 c = c.detach().requires_grad_(True)
-                with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-                    y = ctx.fn(c)
-                torch.autograd.backward(y, g)
+                torch.autograd.backward(ctx.fn(c), g)
                 gx.copy_(c.grad)
         return None, grad_x, None
 

@@ -220,6 +220,8 @@ def kernel_rows(out: Path | None) -> None:
     """GEMV (M=1) time per weight shape of the model: bf16 cuBLAS vs tinygemm int4 at each inner_k_tiles.
 
     Weights rotate over enough copies to exceed the L2 cache, so each call reads its weight from memory.
+    Timed as CUDA-graph replays (as the decode path runs them), so host launch work does not count.
+    benchmarks/int4_gemv.py has the fuller comparison, with phikit's Triton kernels.
     """
     import torch
     import triton.testing
@@ -232,14 +234,15 @@ def kernel_rows(out: Path | None) -> None:
         w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         row = {"row": f"kernel M=1 {what} {n}x{k}", "copies": copies}
-        ms = triton.testing.do_bench(lambda: [torch.nn.functional.linear(x, wi) for wi in w], return_mode="median") / copies
+        ms = triton.testing.do_bench_cudagraph(lambda: [torch.nn.functional.linear(x, wi) for wi in w], return_mode="median") / copies
         row["bf16_us"], row["bf16_GBps"] = round(ms * 1e3, 1), round(n * k * 2 / ms / 1e6)
         q, sc, ze = quantize_int4(w[0], 128)
         sz = torch.stack([sc, ze], dim=-1).transpose(0, 1).contiguous()
         for tiles in (2, 4, 8):
             pk = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q).contiguous(), tiles)
             pks = [pk.clone() for _ in range(max(1, copies * 4))]
-            ms = triton.testing.do_bench(lambda: [torch.ops.aten._weight_int4pack_mm(x, p, 128, sz) for p in pks], return_mode="median") / len(pks)
+            ms = triton.testing.do_bench_cudagraph(lambda: [torch.ops.aten._weight_int4pack_mm(x, p, 128, sz) for p in pks],
+                                                   return_mode="median") / len(pks)
             row[f"int4_t{tiles}_us"], row[f"int4_t{tiles}_GBps"] = round(ms * 1e3, 1), round(n * k * 0.5 * 1.03 / ms / 1e6)
         del w
         emit(row, out)
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write all rows here as a JSON list")
     ap.add_argument("--prompt-tokens", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--skip", default="", help="comma-separated rows to skip: kernels,stock,phikit-stock,static-compile,nf4,int4")
+    ap.add_argument("--skip", default="", help="comma-separated rows to skip: kernels,stock,phikit-stock,int4,bf16-fast,static-compile,nf4")
     a = ap.parse_args(argv)
 
     import torch
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def stock_loop(m):
         # phikit's current engine loop (HFBackend._generate) over model m, without a tokenizer
-        ns = types.SimpleNamespace(model=m, device=dev)
+        ns = types.SimpleNamespace(model=m, device=dev, fast=None)
         return lambda p, n: HFBackend._generate(ns, p, greedy, n)
 
     if dev == "cuda" and "kernels" not in skip:
@@ -303,20 +306,6 @@ def main(argv: list[str] | None = None) -> int:
         measure("phikit bf16 stock loop (hf.py, DynamicCache)", dev, out,
                 lambda: run_iter(stock_loop(model), prompt, n_new, dev), 1, ref, weights_gb=weights_gb(model),
                 warm=lambda: run_iter(stock_loop(model), prompt, 8, dev), tf_ref=model, prompt=prompt)
-    t = time.perf_counter()
-    dec = StaticDecoder(model, bucket_for(n_prompt + n_new, 4096), compile=fast)
-    setup = round(time.perf_counter() - t, 1)
-    measure("phikit bf16 fast (StaticCache + compile + CUDA graph)", dev, out,
-            lambda: run_iter(lambda p, n: dec.generate(p, greedy, n), prompt, n_new, dev), reps, ref,
-            weights_gb=weights_gb(model), setup_s=setup, cache_len=dec.max_cache_len, prefill_chunk=dec.chunk,
-            greedy_reference="transformers bf16 generate", tf_ref=model, prompt=prompt)
-    try:
-        determinism_row("bf16", model, dec, prompt, out)
-    except Exception as e:
-        emit({"row": "determinism bf16", "error": f"{type(e).__name__}: {e}"}, out)
-    del dec
-    gc.collect()
-
     # 2. int4 weight-only: phikit's fast path vs the stock loop over the same weights dequantised
     if "int4" not in skip:
         try:
@@ -340,10 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             dec = StaticDecoder(qmodel, bucket_for(n_prompt + n_new, 4096), compile=fast)
             setup = round(time.perf_counter() - t, 1)
-            measure("phikit int4 fast (tinygemm int4 g128, int4 lm_head, StaticCache + compile + CUDA graph)", dev, out,
+            kern = next(m.kernel for m in qmodel.modules() if isinstance(m, Int4Linear))
+            what = {"tinygemm+triton": "tinygemm decode, Triton dequant+cuBLAS prefill", "triton": "Triton GEMV, Triton dequant+cuBLAS prefill",
+                    "tinygemm": "tinygemm", "dequant": "dequantised matmul"}[kern]
+            measure(f"phikit int4 fast ({what} int4 g128, int4 lm_head, StaticCache + compile + CUDA graph)", dev, out,
                     lambda: run_iter(lambda p, n: dec.generate(p, greedy, n), prompt, n_new, dev), reps, ref4,
                     weights_gb=weights_gb(qmodel), setup_s=setup, cache_len=dec.max_cache_len, prefill_chunk=dec.chunk,
-                    greedy_reference="stock loop over the dequantised int4 weights", tf_ref=refmodel, prompt=prompt)
+                    greedy_reference="stock loop over the dequantised int4 weights", int4_kernel=kern, tf_ref=refmodel, prompt=prompt)
             determinism_row("int4", qmodel, dec, prompt, out)
             del dec, qmodel, refmodel
         except Exception as e:
@@ -352,7 +344,25 @@ def main(argv: list[str] | None = None) -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
 
-    # 3. peers: transformers' own static cache + compile; the tutorials' NF4 recipe
+    # 3. phikit's bf16 fast path (after int4, so a run cut short by a time limit keeps the int4 rows)
+    if "bf16-fast" in skip:
+        dec = None
+    else:
+        t = time.perf_counter()
+        dec = StaticDecoder(model, bucket_for(n_prompt + n_new, 4096), compile=fast)
+        setup = round(time.perf_counter() - t, 1)
+        measure("phikit bf16 fast (StaticCache + compile + CUDA graph)", dev, out,
+                lambda: run_iter(lambda p, n: dec.generate(p, greedy, n), prompt, n_new, dev), reps, ref,
+                weights_gb=weights_gb(model), setup_s=setup, cache_len=dec.max_cache_len, prefill_chunk=dec.chunk,
+                greedy_reference="transformers bf16 generate", tf_ref=model, prompt=prompt)
+        try:
+            determinism_row("bf16", model, dec, prompt, out)
+        except Exception as e:
+            emit({"row": "determinism bf16", "error": f"{type(e).__name__}: {e}"}, out)
+        del dec
+        gc.collect()
+
+    # 4. peers: transformers' own static cache + compile; the tutorials' NF4 recipe
     if "static-compile" not in skip:
         measure("transformers bf16 generate, static cache + compile (auto, reduce-overhead)", dev, out,
                 lambda: run_hf_generate(model, prompt, n_new, dev, cache_implementation="static"), 2 if fast else 1, ref,

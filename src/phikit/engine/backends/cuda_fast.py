@@ -11,7 +11,8 @@ contract but
   - prefills the prompt in fixed 128-token chunks through a second captured
     graph (any prompt length, no recompiles; the last chunk is padded).
 A 4-bit variant is the same path over a model whose linear layers were
-swapped for `kernels.int4.Int4Linear` (tinygemm).
+swapped for `kernels.int4.Int4Linear` (tinygemm for the decode step, Triton
+dequantise + cuBLAS for prefill chunks).
 
 The KV cache is sized in buckets (powers of two from 512): attention reads
 the whole static cache every step, so a cache much longer than the request

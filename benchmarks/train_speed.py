@@ -74,9 +74,11 @@ def batch(args, vocab: int, device: str):
     return ids.to(device), torch.ones_like(ids).to(device), labels.to(device)
 
 
-def optimizer(params, device: str):
+def optimizer(params, device: str, kind: str = "adamw8bit"):
     import torch
 
+    if kind == "adamw-fused" and device == "cuda":  # fp32 states, one multi-tensor kernel (the cost of 8-bit, measured)
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
     if device == "cuda":
         import bitsandbytes as bnb
 
@@ -142,7 +144,7 @@ def worker(args) -> dict:
         model, loss_fn = make_stock(args.path, args, device, liger=args.impl == "stock-liger")
     load_s = time.perf_counter() - t_load
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer(params, device)
+    opt = optimizer(params, device, args.optim)
     ids, att, lab = batch(args, model.config.vocab_size, device)
     n_lab = int((lab[:, 1:] != -100).sum())
     cuda = device == "cuda"
@@ -236,6 +238,8 @@ def main() -> None:
     ap.add_argument("--label-frac", type=float, default=1.0, help="the labelled share of each sequence (its end) [1.0]")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout on every side [0.05]; 0 compares the loss curves "
                     "without the dropout masks, which differ between kernels of different dtypes")
+    ap.add_argument("--optim", choices=["adamw8bit", "adamw-fused"], default="adamw8bit",
+                    help="every side's optimizer: bitsandbytes 8-bit AdamW (the recipe) or torch's fused fp32 AdamW")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one more step to each row")
@@ -266,7 +270,7 @@ def main() -> None:
                 row = {"impl": impl, "skipped": "liger-kernel not installed" if not args.tiny else "Triton kernels need CUDA"}
             else:
                 cmd = [sys.executable, __file__, "--impl", impl, "--path", d, "--size", args.size, "--seq", str(args.seq),
-                       "--micro-batch", str(args.micro_batch), "--label-frac", str(args.label_frac), "--dropout", str(args.dropout), "--steps", str(args.steps),
+                       "--micro-batch", str(args.micro_batch), "--label-frac", str(args.label_frac), "--dropout", str(args.dropout), "--optim", args.optim, "--steps", str(args.steps),
                        "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []) + (["--tiny"] if args.tiny else [])
                 p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
                 rows = [json.loads(line[4:]) for line in p.stdout.splitlines() if line.startswith("ROW ")]

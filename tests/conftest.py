@@ -2,9 +2,15 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
+# Without an NVIDIA GPU, Triton kernels (tests/test_int4_kernel.py) run under Triton's interpreter on
+# CPU tensors. Triton reads this once, when first imported, and torch may import it during collection
+# of any test module, so it is set here, before anything imports torch.
+if not any(Path("/dev").glob("nvidia[0-9]*")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny import build_model_dir
+import pytest  # noqa: E402
+
+from tiny import build_model_dir  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -84,8 +84,6 @@ def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str, process
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gc and not offload:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for p in model.parameters():
-        p.requires_grad_(False)
     model.config.use_cache = False
     targets = _lora_targets(model, cfg, spec)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")

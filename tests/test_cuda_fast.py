@@ -94,11 +94,35 @@ def test_static_decoder_matches_stock_loop_greedy_and_is_reusable(tiny128, chunk
     for prompt in ([5, 17, 300, 4000, 12], list(range(100, 120)), list(range(7, 39))):
         want = _stock_tokens(tiny128, prompt, 8)
         assert list(dec.generate(prompt, params, 8)) == want
+    # greedy runs one step ahead of the caller: a stream dropped early, then a one-token request, leave no trace
+    dropped = dec.generate([9, 8, 7], params, 8)
+    assert [next(dropped) for _ in range(3)] == _stock_tokens(tiny128, [9, 8, 7], 3)
+    dropped.close()
+    assert list(dec.generate([5, 17, 300], params, 1)) == _stock_tokens(tiny128, [5, 17, 300], 1)
+    assert list(dec.generate([5, 17, 300], params, 8)) == _stock_tokens(tiny128, [5, 17, 300], 8)
     with pytest.raises(ValueError):
         list(dec.generate(list(range(60)), params, 10))
     if chunk:  # a prompt whose padded last chunk would overrun the cache (50 -> 64 > 60) is prefilled eagerly
         odd = StaticDecoder(tiny128, 60, compile=False, cuda_graph=False, prefill_chunk=chunk)
         assert list(odd.generate(list(range(1, 51)), params, 4)) == _stock_tokens(tiny128, list(range(1, 51)), 4)
+
+
+def test_static_decoder_with_phikit_decode_attention_matches_stock_loop(tiny128, monkeypatch):
+    """The decode attention the CUDA path uses by default (here its plain-torch form) gives the stock loop's tokens."""
+    from phikit.engine.kernels import decode_attention as da
+
+    name = da.register()
+    calls = []
+    ref = da.decode_attention_reference
+    monkeypatch.setattr(da, "decode_attention_reference", lambda *a, **k: calls.append(k["position"] is not None) or ref(*a, **k))
+    dec = StaticDecoder(tiny128, 64, compile=False, cuda_graph=False, prefill_chunk=16, attention=name)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    for prompt in ([5, 17, 300, 4000, 12], list(range(100, 120))):
+        assert list(dec.generate(prompt, params, 8)) == _stock_tokens(tiny128, prompt, 8)
+    # it ran: 2 layers x 7 decode steps x 2 requests (prefill chunks go to SDPA), bounded by the position
+    assert len(calls) >= 2 * 7 * 2 and all(calls)
+    assert tiny128.config._attn_implementation == "sdpa"  # the model's own setting is back after each call
+    assert StaticDecoder(tiny128, 64, compile=False, cuda_graph=False).attention is None  # off CUDA: the model's own
 
 
 def test_static_decoder_sampling_is_seeded(tiny128):

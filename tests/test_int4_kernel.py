@@ -1,4 +1,6 @@
-"""The Triton int4 kernels (kernels/int4_triton.py) against the dequantised fp32 reference.
+"""The Triton kernels against plain-torch references: the int4 matmuls (kernels/int4_triton.py) against
+the dequantised fp32 weight, and the decode attention (kernels/decode_attention_triton.py) against an fp32
+softmax attention.
 
 These need triton. Off the GPU they run on CPU tensors under Triton's
 interpreter (TRITON_INTERPRET=1, set below before triton is imported); CI does
@@ -136,3 +138,77 @@ def test_triton_int4_layer_on_gpu_matches_reference_and_compiles():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("hq,hkv,d,slots", [(24, 8, 128, 512), (4, 2, 32, 100), (6, 6, 64, 64)])
+@pytest.mark.parametrize("per_program", [16, 1024])  # several splits + the combine kernel; one program per head
+def test_decode_attention_kernel_matches_softmax_attention_over_the_kept_slots(hq, hkv, d, slots, per_program):
+    kt = pytest.importorskip("phikit.engine.kernels.decode_attention_triton")
+    from phikit.engine.kernels.decode_attention import decode_attention_reference
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(hq + slots)
+    q = torch.randn(1, hq, 1, d, device=dev)
+    k = torch.randn(1, hkv, slots, d, device=dev)
+    v = torch.randn(1, hkv, slots, d, device=dev)
+    for kept in (slots // 3, slots):  # a filled prefix (whole splits left empty), then all
+        mask = torch.zeros(1, 1, 1, slots, dtype=torch.bool, device=dev)
+        mask[..., :kept] = True
+        mask[..., 1] = False  # and a hole: the mask is read slot by slot, not as a length
+        mask[..., -1] = kept < slots  # and a kept slot after splits left empty
+        # what SDPA computes, in float64, with the G query heads of a key/value head sharing it
+        kk = k.double().repeat_interleave(hq // hkv, 1)
+        vv = v.double().repeat_interleave(hq // hkv, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=mask, scale=d ** -0.5)
+        want = want.transpose(1, 2)
+        got = kt.decode_attention_triton(q, k, v, mask, d ** -0.5, slots_per_program=per_program)
+        assert got.shape == (1, 1, hq, d)
+        tol = 1e-4 if dev == "cpu" else 5e-3  # fp32 products under the interpreter; tl.dot rounds fp32 to tf32 on the GPU
+        assert float((got.double() - want).abs().max()) < tol, (kept, per_program)
+        ref = decode_attention_reference(q, k, v, mask, d ** -0.5)
+        assert float((ref.double() - want).abs().max()) < 1e-5
+        # given the position instead of a mask, slots 0..position take part
+        pos = torch.tensor([[kept - 1]], device=dev)
+        causal = (torch.arange(slots, device=dev) < kept).reshape(1, 1, 1, slots)
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=causal, scale=d ** -0.5)
+        got = kt.decode_attention_triton(q, k, v, None, d ** -0.5, slots_per_program=per_program, position=pos)
+        assert float((got.double() - want.transpose(1, 2)).abs().max()) < tol, (kept, per_program, "position")
+        ref = decode_attention_reference(q, k, v, None, d ** -0.5, position=pos)
+        assert float((ref.double() - want.transpose(1, 2)).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="exactly one"):
+        kt.decode_attention_triton(q, k, v, mask, d ** -0.5, position=pos)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_attention_op_in_bf16_compiles_and_captures():
+    pytest.importorskip("triton")
+    from phikit.engine.kernels import decode_attention as da
+
+    da.register()
+    torch.manual_seed(6)
+    hq, hkv, d, slots = 24, 8, 128, 512
+    q = torch.randn(1, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, slots, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, slots, d, device="cuda", dtype=torch.bfloat16)
+    mask = torch.zeros(1, 1, 1, slots, dtype=torch.bool, device="cuda")
+    mask[..., :200] = True
+    want = da.decode_attention_reference(q, k, v, mask, d ** -0.5).float()
+    eager = torch.ops.phikit.decode_attention(q, k, v, mask, None, d ** -0.5)
+    assert float((eager.float() - want).abs().max()) < 2e-2  # bf16 probabilities and output
+    by_pos = torch.ops.phikit.decode_attention(q, k, v, None, torch.tensor([[199]], device="cuda"), d ** -0.5)
+    assert torch.equal(by_pos, eager)  # the same slots kept, the same arithmetic
+    f = torch.compile(lambda *a: torch.ops.phikit.decode_attention(*a, None, d ** -0.5), fullgraph=True, dynamic=False)
+    assert torch.equal(f(q, k, v, mask), eager)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f(q, k, v, mask)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = f(q, k, v, mask)
+    mask[..., 200:300] = True  # the graph reads the mask each replay: more slots now take part
+    g.replay()
+    torch.cuda.synchronize()
+    assert float((out.float() - da.decode_attention_reference(q, k, v, mask, d ** -0.5).float()).abs().max()) < 2e-2

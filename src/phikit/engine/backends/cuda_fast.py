@@ -14,6 +14,14 @@ A 4-bit variant is the same path over a model whose linear layers were
 swapped for `kernels.int4.Int4Linear` (tinygemm for the decode step, Triton
 dequantise + cuBLAS for prefill chunks).
 
+The decode step's attention is `kernels.decode_attention` (registered with
+transformers as "phikit_decode"; on CUDA a Triton kernel): transformers' SDPA
+path, compiled, copies the 8 key/value heads out to the 24 query heads and
+rebuilds the mask before every layer; ours reads each key/value head once for
+the query heads that share it, bounded by the step's position (docs/speed.md
+has the profile: 15 -> 5 us per layer). Prefill chunks still go to SDPA.
+Greedy runs keep the GPU one step ahead of the host (`_greedy`).
+
 The KV cache is sized in buckets (powers of two from 512): attention reads
 the whole static cache every step, so a cache much longer than the request
 costs bandwidth. Each bucket is compiled and captured once, on first use.
@@ -21,6 +29,7 @@ costs bandwidth. Each bucket is compiled and captured once, on first use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -57,25 +66,39 @@ class StaticDecoder:
     prompt; the cache's length counter is then set back to the prompt length,
     so that junk is masked and overwritten by the following steps.
     `prefill_chunk=None` prefills eagerly in one call.
+
+    `attention` is the transformers attention implementation the decoder's own
+    model calls run under: "phikit_decode" (`kernels.decode_attention`) by
+    default on CUDA, the model's own (None) elsewhere, so CPU runs are as before.
     """
 
     def __init__(self, model, max_cache_len: int, *, compile: bool = True, cuda_graph: bool | None = None,
-                 prefill_chunk: int | None = 128):
+                 prefill_chunk: int | None = 128, attention: str | None = "auto"):
         import torch
         from transformers import StaticCache
 
         self.model = model
         self.device = next(model.parameters()).device
+        if attention == "auto":
+            attention = None
+            if self.device.type == "cuda":
+                from ..kernels import decode_attention
+
+                attention = decode_attention.register()
+        self.attention = attention
         self.max_cache_len = int(max_cache_len)
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_cache_len)
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         self._ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        # greedy tokens on their way to the host, two in flight (see `_greedy`)
+        self._host_ids = torch.zeros((2,), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._events = [torch.cuda.Event() for _ in range(2)] if self.device.type == "cuda" else None
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile else (lambda f: f)
         # dynamic=False: one specialised graph per bucket; shapes never change inside a bucket.
         self._step_fn = wrap(self._step)
         self._graph = self._logits = None
         self._chunk_graph = self._chunk_logits = None
-        with torch.no_grad():
+        with torch.no_grad(), self._attn():
             # allocates the cache tensors at the addresses the graphs will use
             self.model(input_ids=self._ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             counters = [getattr(layer, "cumulative_length", None) for layer in getattr(self.cache, "layers", [])]
@@ -91,11 +114,34 @@ class StaticDecoder:
                 if self.chunk:
                     self._chunk_graph, self._chunk_logits = self._capture(self._chunk_fn, self._chunk_ids, self._last)
 
+    @contextlib.contextmanager
+    def _attn(self):
+        """Run the model under `self.attention` (the config is the model's own, so set it only for our calls).
+
+        The captured graphs keep the attention they were captured with; the switch matters for the
+        capture and the eager calls. A stock-loop request on another thread during those calls would
+        also see it: its decode steps would then run the same attention function (same maths).
+        """
+        cfg = self.model.config
+        old = cfg._attn_implementation
+        if self.attention is None or old == self.attention:
+            yield
+            return
+        cfg._attn_implementation = self.attention
+        try:
+            yield
+        finally:
+            cfg._attn_implementation = old
+
     def _step(self, ids):
         # Positions come from the cache's own device-side length counter (transformers >= 5), so the
         # captured graph needs no position input: each replay writes the next slot and advances it.
         out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
-        return out.logits[:, -1, :]
+        logits = out.logits[:, -1, :]
+        # The greedy choice becomes the next step's input on the GPU, so a greedy run can queue step
+        # i+1 before the host has read token i (`_greedy`). Sampling runs overwrite it with their token.
+        ids.copy_(logits.argmax(-1, keepdim=True))
+        return logits
 
     def _chunk_step(self, ids, last):
         # logits_to_keep as an index tensor: only the last real token of the chunk reaches the head
@@ -119,6 +165,10 @@ class StaticDecoder:
         return graph, out
 
     def _prefill(self, prompt_ids: list[int]):
+        with self._attn():
+            return self._prefill_chunks(prompt_ids)
+
+    def _prefill_chunks(self, prompt_ids: list[int]):
         import torch
 
         self.cache.reset()  # in place: zeroes the tensors and the length counters, keeps the addresses
@@ -146,7 +196,8 @@ class StaticDecoder:
         if self._graph is not None:
             self._graph.replay()
             return self._logits[0]
-        return self._step_fn(self._ids)[0]
+        with self._attn():
+            return self._step_fn(self._ids)[0]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
         """Yield up to `max_new` sampled ids after `prompt_ids`; needs len(prompt_ids) + max_new <= max_cache_len."""
@@ -161,6 +212,9 @@ class StaticDecoder:
         # no_grad per call, never across a yield: the caller's grad mode stays its own
         with torch.no_grad():
             logits = self._prefill(prompt_ids)
+        if params.temperature == 0:
+            yield from self._greedy(logits, max_new)
+            return
         for i in range(max_new):
             tok = sample(logits, params, gen)
             yield tok
@@ -168,6 +222,43 @@ class StaticDecoder:
                 return
             with torch.no_grad():
                 logits = self._decode(tok)
+
+    def _launch(self, i: int) -> None:
+        """Queue decode step i: it reads the token in `_ids`, leaves its argmax there and copies it to the host."""
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            with self._attn():
+                self._step_fn(self._ids)
+        self._host_ids[i % 2].copy_(self._ids[0, 0], non_blocking=True)
+        if self._events:
+            self._events[i % 2].record()
+
+    def _greedy(self, logits, max_new: int) -> Iterator[int]:
+        """Greedy decoding with the GPU one step ahead of the host.
+
+        Each step leaves its argmax in `_ids` (see `_step`), the next step's input, so step i+1 is
+        queued before token i is read: the GPU does not wait for the host's work between tokens
+        (reading the token, the caller's detokenising and streaming). Tokens are the same as
+        `sample()` at temperature 0 (argmax, first index on ties). A run that stops early leaves
+        one step computed for nothing; the next request resets the cache anyway.
+        """
+        import torch
+
+        tok = sample(logits, SamplingParams(temperature=0))
+        yield tok
+        if max_new == 1:
+            return
+        with torch.no_grad():
+            self._ids.fill_(tok)
+            self._launch(1)
+        for i in range(1, max_new):
+            if i + 1 < max_new:
+                with torch.no_grad():
+                    self._launch(i + 1)  # queued behind step i; it overwrites `_ids` only after step i's copy
+            if self._events:
+                self._events[i % 2].synchronize()
+            yield int(self._host_ids[i % 2])
 
 
 def bucket_for(n_tokens: int, limit: int) -> int:

@@ -1,0 +1,98 @@
+"""Attention for the batch-1 decode step over a static KV cache (the CUDA fast path's decode graph).
+
+Why our own: under torch.compile, transformers' SDPA path for a single query
+with an explicit mask first expands the 8 key/value heads to the 24 query
+heads (`repeat_kv`: two 3 MB copies per layer at 512 cache slots), then runs
+SDPA's memory-efficient kernel on 24 one-row problems, and it reads every
+slot of the static cache, filled or not. Here one Triton program per
+key/value head reads that head's keys and values once for all the query
+heads that share it (grouped-query attention as a [G, D] x [D, S] product),
+and skips the loads of the slots the mask excludes (the unfilled tail of the
+cache), so it reads only the filled part.
+
+`torch.ops.phikit.decode_attention(q, k, v, mask, position, scale)`:
+  q        [1, Hq, 1, D]   the step's query (after rope)
+  k, v     [1, Hkv, S, D]  the whole static cache of the layer
+  mask     [1, 1, 1, S]    bool, True where the slot takes part (transformers' sdpa mask), or None
+  position [1, 1]          the query's position, or None: slots 0..position take part
+returns [1, 1, Hq, D], the layout transformers' attention functions return.
+
+`attention_forward` is the function registered with transformers'
+AttentionInterface as "phikit_decode" (with SDPA's mask function). It takes a
+single query of batch 1 with SDPA's boolean mask and hands everything else
+(prefill chunks, batches, float masks) to transformers' SDPA function.
+
+Contract: "phikit_decode" is for `StaticDecoder`'s decode step, which calls
+the model with neither an attention mask nor position ids. There the mask is
+exactly "slot <= position" (slot i of the static cache holds position i), so
+the kernel takes the position (one number, passed to every layer) instead of
+the mask. This is not only a saving of mask reads: compiled, the [1, 1, 1, S]
+mask was rebuilt by a separate kernel before each layer's attention (1 µs per
+layer). Do not run it with a padding mask or shifted positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "phikit_decode"  # the attention implementation name the fast path's decode graph runs under
+_HAS_TRITON = False  # set by register(): whether torch.ops.phikit.decode_attention exists
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                               position: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product in plain torch (fp32 softmax), for CPU and as the kernel's test reference."""
+    hq, d = q.shape[1], q.shape[-1]
+    hkv = k.shape[1]
+    if position is not None:
+        mask = torch.arange(k.shape[2], device=k.device) <= position.reshape(())
+    qg = q.reshape(hkv, hq // hkv, d).float()
+    s = qg @ k[0].float().transpose(1, 2) * scale  # [Hkv, G, S]
+    s = s.masked_fill(~mask.reshape(1, 1, -1), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return (p @ v[0].float()).to(q.dtype).reshape(1, 1, hq, d)
+
+
+def _supported(query, key, mask) -> bool:
+    return (query.shape[0] == 1 and query.shape[2] == 1 and mask is not None and mask.dtype == torch.bool
+            and mask.dim() == 4 and mask.shape[0] == 1 and mask.shape[1] == 1 and mask.shape[2] == 1
+            and mask.shape[-1] == key.shape[2] and query.shape[1] % key.shape[1] == 0)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers attention-interface function: our decode attention for one query, SDPA otherwise."""
+    if dropout or not _supported(query, key, attention_mask):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    pos = kwargs.get("position_ids")
+    if isinstance(pos, torch.Tensor) and pos.numel() == 1:  # see the contract in the module docstring
+        mask = None
+    else:
+        mask, pos = attention_mask, None
+    if query.is_cuda and _HAS_TRITON:
+        out = torch.ops.phikit.decode_attention(query, key, value, mask, pos, float(scale))
+    else:
+        out = decode_attention_reference(query, key, value, mask, scale, position=pos)
+    return out, None
+
+
+def register() -> str:
+    """Register "phikit_decode" with transformers (attention function and its mask: SDPA's); returns the name.
+
+    Also imports the Triton kernel (registering torch.ops.phikit.decode_attention) where triton is
+    installed, before any trace: the attention function itself must not import under torch.compile.
+    """
+    global _HAS_TRITON
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    try:
+        from . import decode_attention_triton  # noqa: F401
+        _HAS_TRITON = True
+    except ImportError:
+        _HAS_TRITON = False
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME

@@ -1,0 +1,141 @@
+"""Triton kernel behind `decode_attention` (one query, grouped-query heads, a masked static KV cache).
+
+Grid: (key/value heads, splits of the cache). A program loads the G query
+heads that share its key/value head as one [GP, D] tile (GP >= 16 rows, the
+unused ones zero, so the scores are a tensor-core product), then walks its
+part of the cache in BLOCK_S slots with an online softmax in fp32. Slots the
+mask excludes get a score of -inf. The K/V loads do not wait on the mask: a
+first version predicated them on it (to skip the unfilled tail of the cache),
+which put two memory latencies in series per block, and with one program per
+head it took 13 µs per layer on the H100, slower than cuDNN's SDPA. So the
+cache is split over many programs (about SLOTS_PER_PROGRAM slots each), each
+loading its slots at once, and a second small kernel (one program per query
+head) combines the partials (max, sum, weighted values). With one split the
+program writes the output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile sizes of the registered op, set from the H100 measurement in docs/speed.md (benchmarks/decode_profile.py).
+SLOTS_PER_PROGRAM = 64
+BLOCK_S = 64
+
+
+@triton.jit
+def _attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, out_ptr, m_ptr, l_ptr, scale, S,
+                 stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
+                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                 SPLIT_S: tl.constexpr, SPLITS: tl.constexpr, USE_POS: tl.constexpr):
+    h = tl.program_id(0)
+    part = tl.program_id(1)
+    if USE_POS:
+        pos = tl.load(pos_ptr)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (h * G + g)[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for i in range(0, SPLIT_S // BLOCK_S):
+        s = part * SPLIT_S + i * BLOCK_S + tl.arange(0, BLOCK_S)
+        inside = s < S
+        if USE_POS:  # causal over cache slots: slot s holds position s
+            keep = (s <= pos) & inside
+        else:
+            keep = (tl.load(mask_ptr + s, mask=inside, other=0) != 0) & inside
+        k = tl.load(k_ptr + h * stride_kh + s[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(v_ptr + h * stride_vh + s[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_S], fp32
+        qk = tl.where(keep[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: no NaN from -inf - -inf
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + (h * G + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
+    else:  # partials of the real query heads only, [Hq, SPLITS, D] and [Hq, SPLITS]
+        rows = (h * G + g) * SPLITS + part
+        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])
+        tl.store(m_ptr + rows, m_i, mask=g < G)
+        tl.store(l_ptr + rows, l_i, mask=g < G)
+
+
+@triton.jit
+def _combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr):
+    # One program per query head: a [SPLITS, D] tile. (A first version took a [SPLITS, 16, D] tile per
+    # key/value head, the padded rows included, and spent 7 µs per layer there.)
+    hq = tl.program_id(0)
+    rows = hq * SPLITS + tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    m = tl.load(m_ptr + rows)
+    l = tl.load(l_ptr + rows)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # an empty split (m = -inf) weighs 0
+    acc = tl.load(acc_ptr + rows[:, None] * D + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_ptr + hq * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                            slots_per_program: int | None = None, block_s: int | None = None,
+                            num_warps: int = 4, position: torch.Tensor | None = None) -> torch.Tensor:
+    """q [1, Hq, 1, D], k/v [1, Hkv, S, D] (last dim contiguous), mask [1, 1, 1, S] bool -> [1, 1, Hq, D].
+
+    With `position` (a one-element integer tensor) instead of a mask, the kept slots are 0..position.
+
+    The cache is split so that each program walks about `slots_per_program` slots (at most 64 splits,
+    a power of two for the combine kernel); `slots_per_program >= S` gives one program per head, no combine.
+    """
+    _, hq, _, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError("decode_attention_triton needs the cache's last dimension contiguous")
+    slots_per_program = slots_per_program or SLOTS_PER_PROGRAM
+    block_s = min(block_s or BLOCK_S, triton.next_power_of_2(slots_per_program))
+    splits = min(64, triton.next_power_of_2(triton.cdiv(s, slots_per_program)))
+    g = hq // hkv
+    gp = max(16, triton.next_power_of_2(g))  # tl.dot wants >= 16 rows
+    split_s = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
+    q2 = q.reshape(hq, d)
+    if q2.stride(1) != 1:
+        q2 = q2.contiguous()
+    if (mask is None) == (position is None):
+        raise ValueError("decode_attention_triton takes a mask or a position, exactly one")
+    maskb = mask.reshape(s).view(torch.uint8) if mask is not None else position
+    out = torch.empty((1, 1, hq, d), dtype=q.dtype, device=q.device)
+    if splits == 1:
+        part_acc = m = l = out  # the kernel writes the output directly; m and l are not touched
+    else:
+        part_acc = torch.empty((hq * splits, d), dtype=torch.float32, device=q.device)
+        m = torch.empty((hq * splits,), dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+    _attn_kernel[(hkv, splits)](q2, k, v, maskb, position if position is not None else maskb, part_acc, m, l, scale, s,
+                                q2.stride(0), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+                                G=g, GP=gp, D=d, BLOCK_S=block_s, SPLIT_S=split_s, SPLITS=splits, USE_POS=position is not None,
+                                num_warps=num_warps)
+    if splits > 1:
+        _combine_kernel[(hq,)](part_acc, m, l, out, D=d, SPLITS=splits, num_warps=2)
+    return out
+
+
+@torch.library.custom_op("phikit::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                     position: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """One-query grouped attention over a static cache, slots kept by `mask` or 0..`position`: -> [1, 1, Hq, D]."""
+    # Optional[...] rather than "X | None": the form every torch version's schema inference reads
+    return decode_attention_triton(q, k, v, mask, scale, position=position)
+
+
+@decode_attention.register_fake
+def _(q, k, v, mask, position, scale):
+    return q.new_empty((1, 1, q.shape[1], q.shape[-1]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import subprocess
 import sys
@@ -38,7 +39,7 @@ SHAPES = {
 }
 SHAPES["tiny"] = dict(SHAPES["phi-4-mini"], hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128)
-IMPLS = ("phikit", "phikit-eager", "phikit-no-offload", "stock", "stock-liger")
+IMPLS = ("phikit", "phikit-per-tensor", "phikit-bnb-nf4", "phikit-eager", "phikit-no-offload", "stock", "stock-liger")
 
 
 def build_random(path: str, shape: str, max_pos: int) -> None:
@@ -136,14 +137,28 @@ def worker(args) -> dict:
     import torch
 
     device = "cpu" if args.size == "tiny" else "cuda"
+    for kv in args.inductor:
+        import torch._inductor.config as ic
+
+        key, value = kv.split("=", 1)
+        setattr(ic, key, int(value) if value.isdigit() else value)
     t_load = time.perf_counter()
+    if args.impl == "phikit-bnb-nf4":  # the default path, but its compiled layers call bitsandbytes for NF4
+        import phikit.train.fast
+
+        phikit.train.fast.COMPILE_NF4 = False
     if args.impl.startswith("phikit"):
         model, loss_fn = make_phikit(args.path, args, device, offload=args.impl != "phikit-no-offload",
-                                     compile=args.impl == "phikit")
+                                     compile=args.impl in ("phikit", "phikit-per-tensor", "phikit-bnb-nf4"))
     else:
         model, loss_fn = make_stock(args.path, args, device, liger=args.impl == "stock-liger")
     load_s = time.perf_counter() - t_load
     params = [p for p in model.parameters() if p.requires_grad]
+    flat = args.impl.startswith("phikit") and args.impl != "phikit-per-tensor"
+    if flat:  # what phikit's loop does in one process: the optimizer steps one flat tensor
+        from phikit.train.fast import flat_parameters
+
+        params = flat_parameters(params)
     opt = optimizer(params, device, args.optim)
     ids, att, lab = batch(args, model.config.vocab_size, device)
     n_lab = int((lab[:, 1:] != -100).sum())
@@ -155,11 +170,14 @@ def worker(args) -> dict:
 
     def step(k: int) -> None:
         torch.manual_seed(100 + k)  # the same dropout masks on every side
-        loss = loss_fn(ids, att, lab, n_lab)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("phase:forward"):
+            loss = loss_fn(ids, att, lab, n_lab)
+        with torch.profiler.record_function("phase:backward"):
+            loss.backward()
+        with torch.profiler.record_function("phase:optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        opt.zero_grad(set_to_none=not flat)  # flat: zeroed in place, the views keep their buffer
         losses.append(round(float(loss), 5))
 
     t_first = time.perf_counter()
@@ -182,7 +200,7 @@ def worker(args) -> dict:
            "tokens_per_s": round(args.micro_batch * args.seq / dt, 1), "step_s": round(dt, 4),
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
            "load_peak_gib": round(load_peak / 2**30, 3) if cuda else None, "load_s": round(load_s, 1),
-           "steps": args.steps, "warmup": args.warmup, "first_step_s": round(first_step_s, 1) if args.warmup else None, "losses": losses, "optimizer": type(opt).__name__, "quant": "nf4" if cuda else "none"}
+           "steps": args.steps, "warmup": args.warmup, "first_step_s": round(first_step_s, 1) if args.warmup else None, "losses": losses, "optimizer": type(opt).__name__ + (" (flat)" if flat else ""), **({"inductor": args.inductor} if args.inductor else {}), "quant": "nf4" if cuda else "none"}
     if args.impl == "phikit":
         from phikit.train.fast import _Compiled
 
@@ -205,11 +223,58 @@ def profile(step) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     ev = p.key_averages()
-    kernels = sorted(ev, key=lambda e: -e.self_device_time_total)
+    # GPU-side events only (kernels, copies, memsets): CPU ops also carry device time, which would count kernels twice
+    gpu = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA] or list(ev)
+    kernels = sorted(gpu, key=lambda e: -e.self_device_time_total)
     cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:10]
-    return {"wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(sum(e.self_device_time_total for e in ev) / 1e3, 1),
+    groups: dict[str, float] = {}
+    for e in gpu:
+        groups[kernel_group(e.key)] = groups.get(kernel_group(e.key), 0.0) + e.self_device_time_total / 1e3
+    return {"wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(sum(e.self_device_time_total for e in gpu) / 1e3, 1),
+            "groups_ms": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            **timeline(p.events()),
             "top_kernels": [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count} for e in kernels[:25]],
             "top_cpu_ops": [{"op": e.key[:60], "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count} for e in cpu]}
+
+
+def timeline(events) -> dict:
+    """When the GPU computed and when it waited, in the profiled step: the union of its kernels' intervals
+    (the offload copies excluded: they run beside the compute), the idle time inside that span, the longest
+    gaps with the kernels around them, and each phase's host time (forward, backward, optimizer)."""
+    import torch
+
+    kern = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                   and not re.search(r"memcpy (htod|dtoh)", e.name.lower()) and not e.name.startswith(("phase:", "## ", "Optimizer."))))
+    if not kern:
+        return {}
+    busy, gaps, end, prev = 0.0, [], kern[0][0], kern[0][2]
+    for a, b, name in kern:
+        if a > end:
+            gaps.append((a - end, prev, name))
+        if b > end:
+            busy += b - max(a, end)
+            end, prev = b, name
+    span = end - kern[0][0]
+    phases = {e.name[6:]: round((e.time_range.end - e.time_range.start) / 1e3, 1) for e in events if e.name.startswith("phase:")
+              and e.device_type == torch.autograd.DeviceType.CPU}
+    return {"gpu_span_ms": round(span / 1e3, 1), "gpu_busy_ms": round(busy / 1e3, 1), "gpu_idle_ms": round((span - busy) / 1e3, 1),
+            "idle_gaps_over_50us": sum(1 for g in gaps if g[0] > 50), "idle_in_gaps_over_50us_ms": round(sum(g[0] for g in gaps if g[0] > 50) / 1e3, 1),
+            "longest_gaps": [{"us": round(g), "after": a[:60], "before": b[:60]} for g, a, b in sorted(gaps, reverse=True)[:8]],
+            "host_phase_ms": phases}
+
+
+def kernel_group(name: str) -> str:
+    """A GPU event's kind, by its kernel name (the offload copies run on a side stream, beside the compute)."""
+    n = name.lower()
+    for group, pattern in (("offload copies (side stream)", r"memcpy (htod|dtoh)"), ("attention", r"flash|fmha|attention|sdpa"),
+                           ("nf4 dequantise", r"dequantize|dequant"), ("optimizer", r"optimizer|adam"),
+                           ("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|cublas|splitk"), ("compiled (triton)", r"^triton_"),
+                           ("eager element-wise", r"elementwise|reduce|vectorized|unrolled|index|cat|copy"),
+                           ("memset / device copy", r"memset|memcpy")):
+        if re.search(pattern, n):
+            return group
+    return "other"
 
 
 def environment() -> dict:
@@ -240,6 +305,8 @@ def main() -> None:
                     "without the dropout masks, which differ between kernels of different dtypes")
     ap.add_argument("--optim", choices=["adamw8bit", "adamw-fused"], default="adamw8bit",
                     help="every side's optimizer: bitsandbytes 8-bit AdamW (the recipe) or torch's fused fp32 AdamW")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (an int/bool/str VALUE) in every side, e.g. cpp_wrapper=1 (repeatable)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one more step to each row")
@@ -271,7 +338,8 @@ def main() -> None:
             else:
                 cmd = [sys.executable, __file__, "--impl", impl, "--path", d, "--size", args.size, "--seq", str(args.seq),
                        "--micro-batch", str(args.micro_batch), "--label-frac", str(args.label_frac), "--dropout", str(args.dropout), "--optim", args.optim, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []) + (["--tiny"] if args.tiny else [])
+                       "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []) + (["--tiny"] if args.tiny else []) \
+                      + [f"--inductor={kv}" for kv in args.inductor]
                 p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
                 rows = [json.loads(line[4:]) for line in p.stdout.splitlines() if line.startswith("ROW ")]
                 err = p.stderr.strip().splitlines()

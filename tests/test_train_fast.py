@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phikit.train.fast import linear_cross_entropy
+from phikit.train.fast import flat_parameters, linear_cross_entropy
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine); CI is CPU-only")
 
@@ -31,6 +31,21 @@ def test_linear_cross_entropy_equals_full_logits(chunk):
     (2.5 * want).backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
     assert torch.allclose(g, h.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_cross_entropy_chunk_equals_eager():
+    """The chunk function as CUDA runs it (torch.compile, dynamic shapes: the last chunk is shorter) against eager."""
+    from phikit.train.fast import _ce_chunk, _Compiled
+
+    compiled = _Compiled(_ce_chunk, dynamic=True)
+    torch.manual_seed(0)
+    for rows in (7, 5):
+        logits, t = torch.randn(rows, 300).bfloat16(), torch.randint(0, 300, (rows,))
+        (loss, grad), (want_loss, want_grad) = compiled(logits, t, True), _ce_chunk(logits, t, True)
+        assert not compiled.failed
+        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
+        assert grad.dtype == torch.bfloat16 and torch.allclose(grad.float(), want_grad.float(), atol=1e-5, rtol=1e-2)
+        assert grad.float().sum(dim=1).abs().max() < 0.05  # softmax - onehot sums to 0 per row
 
 
 def test_linear_cross_entropy_refuses_a_trainable_head():
@@ -68,6 +83,8 @@ def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.3, target_modules=PHI_LORA_TARGETS, task_type="CAUSAL_LM"))
         model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    if fast:  # as phikit's loop does in one process
+        params = flat_parameters(params)
     opt = torch.optim.AdamW(params, lr=5e-3)
     ids, att, lab = (t.to(device) for t in _batch(model.config.vocab_size))
     n_lab = int((lab[:, 1:] != -100).sum())
@@ -83,7 +100,7 @@ def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1e9)))
         losses.append(float(loss))
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not fast)
     return losses, norms
 
 
@@ -93,6 +110,33 @@ def test_fast_path_follows_the_stock_curve_on_cpu(tiny_dirs):
     assert fast_l[-1] < fast_l[0] - 0.05, "the run must learn, or the comparison shows nothing"
     assert fast_l == pytest.approx(stock_l, rel=1e-4)
     assert fast_n == pytest.approx(stock_n, rel=1e-4)
+
+
+def test_flat_parameters_accumulate_and_step_like_separate_tensors():
+    """Two micro-batches accumulated into the flat buffer, then an optimizer step on it, equal the same with
+    separate tensors; the parameters stay views of the buffer after the step and after zeroing."""
+    def run(flat: bool):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3, bias=False))
+        params = list(net.parameters())
+        opt_params = flat_parameters(params) if flat else params
+        opt = torch.optim.AdamW(opt_params, lr=0.1, weight_decay=0.01)
+        for step in range(3):
+            for k in range(2):
+                x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + k))
+                net(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=not flat)
+        return [p.detach().clone() for p in params], params, opt_params
+
+    want, _, _ = run(flat=False)
+    got, params, (buf,) = run(flat=True)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-6, atol=1e-7)
+    base = buf.data_ptr()
+    assert all(base <= p.data_ptr() < base + buf.numel() * buf.element_size() for p in params)
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in params)  # zeroed in place, still views
+    assert sum(p.numel() for p in params) == buf.numel()
 
 
 def test_offloaded_layers_run_plainly_in_eval_and_without_grad(tiny_dirs):
@@ -171,15 +215,17 @@ def test_tiled_mlp_equals_the_plain_mlp_without_dropout(tiny_dirs):
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(got, want))
 
 
-def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs):
+@pytest.mark.parametrize("compile,tile", [(False, True), (True, False), (True, True)])
+def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs, compile, tile):
     """With dropout on, the recomputes must draw the masks the forward drew. A directional
-    finite difference of the loss (same seed, so same masks) checks the gradient they produce."""
+    finite difference of the loss (same seed, so same masks) checks the gradient they produce,
+    eagerly and through the compiled layers (whose dropout draws its own random numbers)."""
     from phikit.train.fast import offload_checkpointing, tile_mlp
 
     model = _lora_model(tiny_dirs["phi4-mini"], dropout=0.3)
     layers = model.get_base_model().model.layers
-    offload_checkpointing(layers)
-    for layer in layers:
+    offload_checkpointing(layers, compile=compile)
+    for layer in layers if tile else []:
         tile_mlp(layer.mlp, min_tokens=1, rows=16)
     batch = _batch(model.config.vocab_size)
     loss, params, grads = _loss_and_grads(model, batch)
@@ -199,3 +245,58 @@ def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs):
                 p.sub_(sign * eps * d)
     assert abs(slope) > 1e-3, "a zero slope would make the check vacuous"
     assert (values[0] - values[1]) / (2 * eps) == pytest.approx(slope, rel=5e-3)
+
+
+def _nf4_linear(n_out: int, n_in: int):
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    m = Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    w = Params4bit(torch.randn(n_out, n_in).bfloat16(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    m.weight = w._quantize("cpu")
+    return m
+
+
+class _NF4Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = _nf4_linear(128, 64), _nf4_linear(64, 128)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def test_compiled_nf4_layers_equal_bitsandbytes_and_share_one_graph(monkeypatch):
+    """compile_nf4: inside torch.compile the NF4 layers dequantise with torch ops, bit for bit as bitsandbytes
+    does (output and input gradient), without calling bitsandbytes, and all blocks share one compiled graph."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes
+
+    from phikit.train.fast import compile_nf4
+
+    torch.manual_seed(0)
+    blocks = [_NF4Block() for _ in range(3)]
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    want = [b(x) for b in blocks]
+    want_grad = [torch.autograd.grad(w.float().pow(2).sum(), x)[0] for w in want]
+    keys = [sorted(b.state_dict()) for b in blocks]
+    assert [compile_nf4(b) for b in blocks] == [2, 2, 2]
+    assert [sorted(b.state_dict()) for b in blocks] == keys  # nothing new is saved with the model
+    assert torch.equal(blocks[0](x), want[0])  # outside a compile: bitsandbytes' own path, as before
+
+    def no_bnb(*a, **k):
+        raise AssertionError("the compiled layer called bitsandbytes")
+
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", no_bnb)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fn = torch.compile(_NF4Block.forward)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = [fn(b, x) for b in blocks]
+    # the bf16 weights are dequantised again in backward, never kept (what bitsandbytes does too)
+    assert not [t for t in saved if t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape[0] != x.shape[0]]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    for g, w in zip(got, want_grad):
+        assert torch.equal(torch.autograd.grad(g.float().pow(2).sum(), x)[0], w)

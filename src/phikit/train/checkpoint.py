@@ -111,11 +111,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, dist
     if ("fsdp_weights" in blob) != fsdp:
         was, now = ("fsdp", "ddp (or one process)") if "fsdp_weights" in blob else ("ddp (or one process)", "fsdp")
         raise PhikitError(f"{path} was written by a --strategy {was} run, this one is {now}: resume it with the strategy it had")
+    world = dist.world if dist is not None else 1
+    if blob["state"].get("world_size", 1) != world:  # the global batch, the schedule and the optimizer's layout depend on it
+        raise PhikitError(f"{path} was written by a run on {blob['state'].get('world_size', 1)} process(es): resume it with as many (--gpus)")
     if fsdp:
         dist.load_trainable_state(model, optimizer, blob["fsdp_weights"], blob["optimizer"])
     else:
         set_peft_model_state_dict(model, blob["adapter"])
-        optimizer.load_state_dict(blob["optimizer"])
+        try:
+            optimizer.load_state_dict(blob["optimizer"])
+        except ValueError as e:  # e.g. per-tensor state from before the flat LoRA buffer (train/fast.flat_parameters)
+            raise PhikitError(f"{path}: its optimizer state does not fit this run's optimizer ({e}); it was written by "
+                              "another phikit version or setup: start a new run (another --out)") from None
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng_ranks"][rank] if "rng_ranks" in blob else blob["rng"])
     return blob["state"]

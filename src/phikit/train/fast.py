@@ -1,6 +1,6 @@
 """The training fast path: what lets a QLoRA step run in a few GB and fast.
 
-Two pieces, each small enough to read in one sitting:
+The pieces, each small enough to read in one sitting:
 
 - `linear_cross_entropy`: the LM head and the cross-entropy in chunks of rows,
   with the gradient taken during the forward, so the [tokens, vocabulary]
@@ -14,11 +14,16 @@ Two pieces, each small enough to read in one sitting:
   compute and fetched back one layer ahead of the backward pass. This is what
   makes 100k+ token sequences fit: the GPU then holds one layer's activations
   at a time. torch.utils.checkpoint keeps every layer's input on the GPU.
+- `flat_parameters`: the trainable (LoRA) weights and their gradients as views
+  into one buffer each, so the optimizer steps one tensor instead of hundreds.
+- `compile_nf4`: inside a compiled layer, bitsandbytes' NF4 linear layers
+  dequantise with torch ops instead of bitsandbytes' calls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -31,19 +36,15 @@ class _LinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, chunk):
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are summed in fp32
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
+        ce = _ce_compiled() if hidden.is_cuda else _ce_chunk
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], target[s : s + chunk]
-            logits = (h @ weight.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            loss, dlogits = ce(h @ weight.t(), t, grad is not None)
+            total += loss
             if grad is not None:
-                # d(loss)/d(logits) = softmax - onehot, computed in place on the chunk's logits
-                logits.sub_(lse[:, None]).exp_()
-                logits[torch.arange(len(t), device=t.device), t] -= 1
-                grad[s : s + chunk] = (logits.to(weight.dtype) @ weight).to(grad.dtype)
+                grad[s : s + chunk] = (dlogits @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)
         return total
 
@@ -51,6 +52,26 @@ class _LinearCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad * grad_out.to(grad.dtype), None, None, None
+
+
+def _ce_chunk(logits: torch.Tensor, target: torch.Tensor, with_grad: bool):
+    """(summed cross-entropy, its gradient w.r.t. the logits in their dtype, or None) of one chunk, in fp32
+    at least (bf16 logits are summed in fp32). d(loss)/d(logits) = softmax - onehot."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, target[:, None])[:, 0]).sum()
+    if not with_grad:
+        return loss, None
+    cols = torch.arange(x.shape[1], device=x.device)
+    p = torch.exp(x - lse[:, None])
+    return loss, torch.where(cols[None, :] == target[:, None], p - 1, p).to(logits.dtype)
+
+
+@functools.cache
+def _ce_compiled() -> "_Compiled":
+    # On CUDA the chunk compiles into a reduction and one element-wise pass over the bf16 logits; eagerly it is
+    # ~6 passes over fp32 copies (~15 ms a Phi-4-mini step). dynamic: the last chunk is shorter.
+    return _Compiled(_ce_chunk, dynamic=True)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -192,12 +213,19 @@ def tile_mlp(mlp: torch.nn.Module, min_tokens: int = 32768, rows: int = 8192) ->
     """Run `mlp` (token-wise, input [batch, seq, d]) in chunks of `rows` positions once a batch has `min_tokens` (in place)."""
     plain = mlp.forward
 
-    def forward(x, *args, **kwargs):
-        if x.dim() != 3 or x.shape[0] * x.shape[1] < min_tokens or args or kwargs:
-            return plain(x, *args, **kwargs)
+    # Outside torch.compile (a compiled layer breaks its graph here, for long sequences only): with the tiled
+    # MLP inside a compiled layer, the finite-difference check of the replayed dropout masks failed on
+    # torch 2.11 (it passes on 2.13); run eagerly it passes on both.
+    @torch.compiler.disable
+    def tiled(x):
         if torch.is_grad_enabled() and mlp.training:
             return _TiledMLP.apply(plain, x, rows)
         return torch.cat([plain(c) for c in x.split(rows, dim=-2)], dim=-2)
+
+    def forward(x, *args, **kwargs):
+        if x.dim() != 3 or x.shape[0] * x.shape[1] < min_tokens or args or kwargs:
+            return plain(x, *args, **kwargs)
+        return tiled(x)
 
     mlp.forward = forward
 
@@ -212,19 +240,22 @@ def offload_checkpointing(layers, compile: bool = False) -> None:
     layer runs as before. One process only: the recompute's gradients are
     accumulated inside the backward call, which DDP's hooks do not expect.
     """
-    import functools
-
     layers = list(layers)
     if not layers:
         return
     dev = next(layers[0].parameters()).device
     offload = _Offload(dev)
-    compiled = _Compiled(type(layers[0]).forward) if compile else None
+    # fallback_random: dropout in the compiled layers draws from torch's own generator, as eager does. Inductor's
+    # own random numbers differ between the no-grad forward graph and the recompute's training graph, so the
+    # recompute would draw other masks than the forward and the gradient would not be the loss's (tested).
+    compiled = _Compiled(type(layers[0]).forward, options={"fallback_random": True}) if compile else None
     for layer in layers:
+        if compile and COMPILE_NF4:
+            compile_nf4(layer)
         if isinstance(getattr(layer, "mlp", None), torch.nn.Module):
             tile_mlp(layer.mlp)
         plain = layer.forward
-        run = functools.partial(compiled, layer, _eager=plain) if compiled else plain
+        run = functools.partial(compiled, layer) if compiled else plain  # compiled: the class's forward, as is
 
         def forward(hidden_states, *args, _plain=plain, _run=run, _layer=layer, **kwargs):
             if not (_layer.training and torch.is_grad_enabled()):
@@ -236,21 +267,85 @@ def offload_checkpointing(layers, compile: bool = False) -> None:
         layer.forward = forward
 
 
+COMPILE_NF4 = True  # offload_checkpointing(compile=True) applies compile_nf4 (the benchmark turns it off to compare)
+
+
+def _nf4_weight(packed, absmax_q, absmax2, code2, offset, code, blocksize: int, blocksize2: int, shape, dtype):
+    """bitsandbytes' NF4 dequantisation with double-quantised absmax (dequantize_4bit), in torch ops:
+    absmax = code2[absmax_q] * absmax2[block of 256] + offset; w = code[nibble] * absmax[block of 64],
+    the high nibble of each byte first, computed in fp32 and rounded once to `dtype`."""
+    n_blocks = absmax_q.numel()
+    a = torch.nn.functional.pad(code2[absmax_q.long()], (0, -n_blocks % blocksize2))
+    absmax = (a.view(-1, blocksize2) * absmax2[:, None]).view(-1)[:n_blocks] + offset
+    b = packed.reshape(-1)
+    nibbles = torch.stack([b >> 4, b & 15], dim=-1).reshape(-1)
+    return (code[nibbles.long()].view(n_blocks, blocksize) * absmax[:, None]).to(dtype).view(shape)
+
+
+def compile_nf4(module: torch.nn.Module) -> int:
+    """Inside torch.compile, run `module`'s bitsandbytes NF4 linear layers (double-quantised, as phikit loads
+    them) through `_nf4_weight` (in place; returns how many). Outside a compile they run as before.
+
+    Why: each bitsandbytes call is a Python custom op with ~60-80 µs of host work; Phi-4-mini's QLoRA step
+    makes ~600 of them, enough to leave the GPU waiting. As torch ops the dequantisation compiles into the
+    layer's graph (one fused kernel per weight) at no host cost. Same arithmetic: tests compare the two.
+    The layers change class (a subclass of bitsandbytes' Linear4bit), not per-instance forwards, so every
+    layer still shares one compiled graph; the quantisation state's tensors become non-persistent buffers
+    (the same tensors, so no memory), which torch.compile takes as graph inputs.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    n = 0
+    for m in module.modules():
+        st = getattr(getattr(m, "weight", None), "quant_state", None)
+        if type(m) is not Linear4bit or st is None or not st.nested or st.quant_type != "nf4":
+            continue
+        for name, t in (("packed", m.weight.data), ("absmax_q", st.absmax), ("absmax2", st.state2.absmax),
+                        ("code2", st.state2.code), ("offset", st.offset), ("code", st.code)):
+            m.register_buffer(f"nf4_{name}", t, persistent=False)
+        m.nf4_meta = (st.blocksize, st.state2.blocksize, tuple(st.shape), st.dtype)
+        m.__class__ = _nf4_class(Linear4bit)
+        n += 1
+    return n
+
+
+@functools.cache
+def _nf4_class(base: type) -> type:
+    class CompiledNF4Linear(base):
+        def forward(self, x):
+            if not torch.compiler.is_compiling():
+                return super().forward(x)
+            dtype = x.dtype
+            x = x.to(self.compute_dtype or dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            # The dequantisation is checkpointed so that the compiled backward dequantises W again instead of
+            # keeping it from the forward (as bitsandbytes' MatMul4Bit does); the partitioner would otherwise
+            # save every layer's weights in bf16 between its recompute and its backward.
+            w = torch.utils.checkpoint.checkpoint(
+                _nf4_weight, self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax2, self.nf4_code2, self.nf4_offset,
+                self.nf4_code, *self.nf4_meta, use_reentrant=False)
+            return torch.nn.functional.linear(x, w.to(x.dtype), bias).to(dtype)
+
+    return CompiledNF4Linear
+
+
 class _Compiled:
-    """torch.compile of a layer class's forward, shared by every layer of that class; if the first
-    compile fails (an op torch.compile cannot take), a warning and eager from then on."""
+    """torch.compile of `fn`; if the first compile fails (an op torch.compile cannot take), a warning and `fn`
+    itself from then on. A layer class's forward is compiled once and shared by every layer of that class."""
 
     made: list = []  # every instance, so a caller (the benchmark) can report whether compiling took
 
-    def __init__(self, fn):
-        self.fn = torch.compile(fn)
+    def __init__(self, fn, **options):
+        self.plain, self.fn = fn, torch.compile(fn, **options)
         self.failed = None
         _Compiled.made.append(self)
 
-    def __call__(self, layer, *args, _eager, **kwargs):
+    def __call__(self, *args, **kwargs):
         if self.failed is None:
             try:
-                out = self.fn(layer, *args, **kwargs)
+                out = self.fn(*args, **kwargs)
                 self.failed = False
                 return out
             except torch.OutOfMemoryError:
@@ -258,9 +353,40 @@ class _Compiled:
             except Exception as e:  # the compiler's own errors vary by backend; any of them means: run eagerly
                 import logging
 
-                logging.getLogger("phikit").warning("torch.compile could not take %s (%s: %s); training eagerly",
-                                                    type(layer).__name__, type(e).__name__, str(e).splitlines()[0][:200])
+                logging.getLogger("phikit").warning("torch.compile could not take %s (%s: %s); running it eagerly",
+                                                    self.plain.__qualname__, type(e).__name__, str(e).splitlines()[0][:200])
                 self.failed = True
-        if self.failed:
-            return _eager(*args, **kwargs)
-        return self.fn(layer, *args, **kwargs)
+        return (self.plain if self.failed else self.fn)(*args, **kwargs)
+
+
+def flat_parameters(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """One contiguous buffer per (dtype, device) behind `params`: each parameter's data and grad become
+    views into it. Returns the flat parameters, to give the optimizer (and the gradient clipping).
+
+    Why: bitsandbytes' 8-bit AdamW runs its kernel, with Python around it, once per tensor (Phi-4-mini
+    has 256 LoRA tensors); one flat tensor is one launch. torch's AdamW is elementwise, so its result is
+    the same either way; the 8-bit states are quantised in blocks of 256 values, which LoRA tensors
+    (r x d, d a multiple of 16) fill exactly.
+
+    The gradients must be zeroed in place from then on (`optimizer.zero_grad(set_to_none=False)`):
+    autograd accumulates into an existing .grad, but replaces a missing one with a tensor of its own,
+    which would cut it loose from the buffer.
+    """
+    groups: dict = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    flats = []
+    for (dtype, device), ps in groups.items():
+        flat = torch.empty(sum(p.numel() for p in ps), dtype=dtype, device=device)
+        grad = torch.zeros_like(flat)
+        at = 0
+        for p in ps:
+            n = p.numel()
+            flat[at : at + n].copy_(p.detach().reshape(-1))
+            p.data = flat[at : at + n].view_as(p)
+            p.grad = grad[at : at + n].view_as(p)
+            at += n
+        fp = torch.nn.Parameter(flat)
+        fp.grad = grad
+        flats.append(fp)
+    return flats

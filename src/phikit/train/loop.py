@@ -286,6 +286,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     # FSDP replaces the parameters by their shards: shard before the optimizer takes them (DDP wraps after the resume).
     fwd = dist.wrap(model, _lm_loss, autocast) if dist.fsdp else None
     params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    if dist.world == 1:  # DDP and FSDP keep their own gradient buckets and shards
+        from .fast import flat_parameters
+
+        params = flat_parameters(params)  # one tensor for the optimizer and clipping, not one per LoRA matrix
     optimizer, opt_note = _make_optimizer(cfg, params, device)
 
     from transformers import get_cosine_schedule_with_warmup
@@ -301,8 +306,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     state = {"step": 0, "epoch": 0, "micro": 0, "tokens": 0, "train_s": 0.0}
     if cfg.resume and ckpts:
         state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, rank=dist.rank, dist=dist)
-        if state.get("world_size", 1) != dist.world:  # the global batch and the schedule depend on it
-            raise PhikitError(f"{ckpts[-1]} was written by a run on {state.get('world_size', 1)} process(es): resume it with as many (--gpus)")
         log.warning("resumed from %s (step %d)", ckpts[-1], state["step"])
     elif cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
@@ -314,7 +317,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     tlog = TrainLog(out, resume_step=state["step"] if cfg.resume else None, enabled=dist.is_main)
     tlog.write(event="start", total_steps=total, train_examples=len(train_items), val_examples=len(val_items),
                truncated=enc.truncated, dropped=enc.dropped, optimizer=opt_note, quant=quant, device=device,
-               trainable_params=sum(p.numel() for p in params))
+               trainable_params=n_trainable)
 
     bar = None
     if cfg.progress and dist.is_main:
@@ -344,7 +347,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # in place: flat_parameters' views must keep their buffer
             micro += len(group)
             step += 1
             dt = time.perf_counter() - t0

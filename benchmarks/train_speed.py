@@ -224,7 +224,8 @@ def profile(step) -> dict:
     wall = time.perf_counter() - t0
     ev = p.key_averages()
     # GPU-side events only (kernels, copies, memsets): CPU ops also carry device time, which would count kernels twice
-    gpu = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA] or list(ev)
+    # GPU-side ranges of host annotations (the phases, "Optimizer.step", compiled-graph calls) are not kernels
+    gpu = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA and not _annotation(e.key)] or list(ev)
     kernels = sorted(gpu, key=lambda e: -e.self_device_time_total)
     cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:10]
     groups: dict[str, float] = {}
@@ -245,7 +246,7 @@ def timeline(events) -> dict:
 
     kern = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-                   and not re.search(r"memcpy (htod|dtoh)", e.name.lower()) and not e.name.startswith(("phase:", "## ", "Optimizer."))))
+                   and not re.search(r"memcpy (htod|dtoh)", e.name.lower()) and not _annotation(e.name)))
     if not kern:
         return {}
     busy, gaps, end, prev = 0.0, [], kern[0][0], kern[0][2]
@@ -262,6 +263,10 @@ def timeline(events) -> dict:
             "idle_gaps_over_50us": sum(1 for g in gaps if g[0] > 50), "idle_in_gaps_over_50us_ms": round(sum(g[0] for g in gaps if g[0] > 50) / 1e3, 1),
             "longest_gaps": [{"us": round(g), "after": a[:60], "before": b[:60]} for g, a, b in sorted(gaps, reverse=True)[:8]],
             "host_phase_ms": phases}
+
+
+def _annotation(name: str) -> bool:
+    return name.startswith(("phase:", "## ", "Optimizer."))
 
 
 def kernel_group(name: str) -> str:

@@ -230,10 +230,12 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, list, list, list[Path]]:
     return data_path, train_ex, val_ex, ckpts
 
 
-def _save(dist: Dist, out: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> None:
-    """A checkpoint written by rank 0 alone (with every rank's RNG state); the others wait until it is whole."""
+def _save(dist: Dist, out: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int, full: tuple | None = None) -> None:
+    """A checkpoint written by rank 0 alone (with every rank's RNG state); the others wait until it is whole.
+    `full`: FSDP's gathered (weights, optimizer state), where the caller already holds them."""
     rngs = dist.rng_states()  # a collective: every rank takes part
-    full = dist.trainable_state(model, optimizer) if dist.fsdp else None  # also a collective
+    if full is None and dist.fsdp:
+        full = dist.trainable_state(model, optimizer)  # also a collective
     if dist.is_main:
         save_checkpoint(out, step, model, optimizer, scheduler, dict(state), keep_last, rng_ranks=rngs, fsdp_state=full)
     dist.barrier()
@@ -401,10 +403,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         "final_train_loss": tlog.last_loss(),
         "eval_loss": None if val_loss is None else round(val_loss, 5),
     }
-    weights = dist.trainable_state(model, optimizer)[0] if dist.fsdp else None  # gathered by every rank
+    full = dist.trainable_state(model, optimizer) if dist.fsdp else None  # gathered once, by every rank, for both writes
     if dist.is_main:
-        save_adapter(model, out, summary, weights)
-    _save(dist, out, step, model, optimizer, scheduler, state, cfg.keep_last)
+        save_adapter(model, out, summary, full[0] if full else None)
+    _save(dist, out, step, model, optimizer, scheduler, state, cfg.keep_last, full)
     tlog.write(event="done", **{k: summary[k] for k in ("steps", "train_s", "tokens_per_s", "eval_loss")})
     model.eval()
     tlog.plot()

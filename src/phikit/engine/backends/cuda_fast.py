@@ -191,13 +191,17 @@ class StaticDecoder:
                 layer.cumulative_length.fill_(n)
         return logits
 
-    def _decode(self, tok: int):
-        self._ids.fill_(tok)
+    def _run_step(self):
+        """One decode step on the token in `_ids` (a replay where the graph was captured); its [1, vocab] logits."""
         if self._graph is not None:
             self._graph.replay()
-            return self._logits[0]
+            return self._logits
         with self._attn():
-            return self._step_fn(self._ids)[0]
+            return self._step_fn(self._ids)
+
+    def _decode(self, tok: int):
+        self._ids.fill_(tok)
+        return self._run_step()[0]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
         """Yield up to `max_new` sampled ids after `prompt_ids`; needs len(prompt_ids) + max_new <= max_cache_len."""
@@ -225,11 +229,7 @@ class StaticDecoder:
 
     def _launch(self, i: int) -> None:
         """Queue decode step i: it reads the token in `_ids`, leaves its argmax there and copies it to the host."""
-        if self._graph is not None:
-            self._graph.replay()
-        else:
-            with self._attn():
-                self._step_fn(self._ids)
+        self._run_step()
         self._host_ids[i % 2].copy_(self._ids[0, 0], non_blocking=True)
         if self._events:
             self._events[i % 2].record()

@@ -230,7 +230,8 @@ def profile(step) -> dict:
     cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:10]
     groups: dict[str, float] = {}
     for e in gpu:
-        groups[kernel_group(e.key)] = groups.get(kernel_group(e.key), 0.0) + e.self_device_time_total / 1e3
+        g = kernel_group(e.key)
+        groups[g] = groups.get(g, 0.0) + e.self_device_time_total / 1e3
     return {"wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(sum(e.self_device_time_total for e in gpu) / 1e3, 1),
             "groups_ms": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
             **timeline(p.events()),

@@ -59,7 +59,7 @@ GROUPS = (  # first match wins; inductor names its kernels (triton_*) after the 
     ("inductor: RMSNorm (+ residual add)", r"^triton.*rsqrt"),
     ("inductor: SiLU * up", r"^triton.*silu"),
     ("inductor: cache length counter += 1", r"^triton_poi_fused_add_copy_"),
-    ("inductor: greedy argmax", r"^triton.*argmax"),
+    ("greedy argmax (inductor, or PyTorch's own)", r"argmax|ArgMax"),
     ("inductor: other", r"^triton"),
     ("cuBLAS (rope frequencies, fp32)", r"gemm|gemv|cutlass|sm90_xmma|cublas"),
     ("memcpy / memset", r"[Mm]emcpy|[Mm]emset"),
@@ -121,7 +121,8 @@ def decoders(qmodel, prompt, variants: list[str], profile: bool) -> None:
 
     The logits check feeds every variant the same 32 tokens after the prompt (teacher forcing), so a
     near-tie in this random model's logits cannot make the comparison drift as free-running text would.
-    "+cdt" turns on inductor's coordinate-descent tuning of the fused kernels' block sizes.
+    "+cdt" turns on inductor's coordinate-descent tuning of the fused kernels' block sizes, "+combo" its
+    combo kernels (independent kernels launched as one); both: "+cdt+combo".
     """
     import torch
     import torch._inductor.config as inductor_config
@@ -137,7 +138,8 @@ def decoders(qmodel, prompt, variants: list[str], profile: bool) -> None:
         attn, _, spp = spec.partition(":")
         try:
             decode_attention_triton.SLOTS_PER_PROGRAM = int(spp or 64)
-            inductor_config.coordinate_descent_tuning = opts == "cdt"
+            inductor_config.coordinate_descent_tuning = "cdt" in opts.split("+")
+            inductor_config.combo_kernels = "combo" in opts.split("+")
             torch._dynamo.reset()  # a fresh compile per variant (otherwise dynamo reuses the first one's code)
             t = time.perf_counter()
             dec = StaticDecoder(qmodel, 512, prefill_chunk=None, attention=attn)
@@ -162,7 +164,7 @@ def decoders(qmodel, prompt, variants: list[str], profile: bool) -> None:
         gc.collect()
         torch.cuda.empty_cache()
     decode_attention_triton.SLOTS_PER_PROGRAM = 64
-    inductor_config.coordinate_descent_tuning = False
+    inductor_config.coordinate_descent_tuning = inductor_config.combo_kernels = False
 
 
 def attention_alone(layers: int = 32, filled: int = 256) -> None:
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--variants", default="sdpa,phikit_decode",
-                    help="whole-step rows: attention[:slots per Triton program][+cdt]; the first is the logits reference")
+                    help="whole-step rows: attention[:slots per Triton program][+cdt][+combo]; the first is the logits reference")
     ap.add_argument("--skip", default="", help="comma-separated: decoders,attention")
     a = ap.parse_args(argv)
     OUT = a.out

@@ -91,9 +91,13 @@ def test_static_decoder_matches_stock_loop_greedy_and_is_reusable(tiny128, chunk
     dec = StaticDecoder(tiny128, 64, compile=False, cuda_graph=False, prefill_chunk=chunk)
     params = SamplingParams(temperature=0, max_tokens=8)
     # one padded chunk, two chunks with padding, exactly two chunks; later requests reuse (reset) the cache
+    # the layers share one length counter, advanced once per forward
+    assert len({id(layer.cumulative_length) for layer in dec.cache.layers}) == 1
     for prompt in ([5, 17, 300, 4000, 12], list(range(100, 120)), list(range(7, 39))):
         want = _stock_tokens(tiny128, prompt, 8)
         assert list(dec.generate(prompt, params, 8)) == want
+        # the prompt and the 7 tokens fed back (the 8th is only sampled)
+        assert int(dec.cache.layers[1].cumulative_length) == len(prompt) + 7
     # greedy runs one step ahead of the caller: a stream dropped early, then a one-token request, leave no trace
     dropped = dec.generate([9, 8, 7], params, 8)
     assert [next(dropped) for _ in range(3)] == _stock_tokens(tiny128, [9, 8, 7], 3)

@@ -12,7 +12,8 @@ Each side runs in its own process, so its peak memory is its own.
     python benchmarks/train_speed.py --tiny                                    # CPU, tiny shape: checks the script
 
 One JSON object per side: tokens_per_s (all tokens of the batch over the step time), step_s,
-peak_mem_gib (the most allocated on the GPU while training, resident weights included),
+peak_mem_gib (the most allocated on the GPU while training, resident weights included; GiB),
+peak_reserved_gib (the most the caching allocator held, free cached blocks included),
 losses (per measured step; the sides' curves are comparable since data, seed and dropout masks
 are the same), and the shape. RoPE scaling is left out of the random configs: it does not change the cost.
 """
@@ -165,6 +166,7 @@ def worker(args) -> dict:
     cuda = device == "cuda"
     if cuda:
         load_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.empty_cache()  # the loader's freed blocks: so the reserved peak is the training's own
         torch.cuda.reset_peak_memory_stats()
     losses = []
 
@@ -199,15 +201,119 @@ def worker(args) -> dict:
            "lora_dropout": args.dropout,
            "tokens_per_s": round(args.micro_batch * args.seq / dt, 1), "step_s": round(dt, 4),
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+           # what the caching allocator held at most (allocated + cached free blocks); some tools report this one
+           "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
            "load_peak_gib": round(load_peak / 2**30, 3) if cuda else None, "load_s": round(load_s, 1),
            "steps": args.steps, "warmup": args.warmup, "first_step_s": round(first_step_s, 1) if args.warmup else None, "losses": losses, "optimizer": type(opt).__name__ + (" (flat)" if flat else ""), **({"inductor": args.inductor} if args.inductor else {}), "quant": "nf4" if cuda else "none"}
     if args.impl == "phikit":
         from phikit.train.fast import _Compiled
 
         row["compiled"] = bool(_Compiled.made) and not any(c.failed for c in _Compiled.made)
+    if cuda:
+        row["phases"] = phases(step)
     if args.profile and cuda:
         row["profile"] = profile(step)
+    if args.memory and cuda:
+        row["memory_at_peak"] = memory_at_peak(step)
     return row
+
+
+def phases(step) -> dict:
+    """One more step without the profiler: per phase, the host's time to queue it and the GPU's time to run it
+    (CUDA events). Where the GPU time of a phase is about its host time, the GPU waited for the host there."""
+    import torch
+
+    torch.cuda.synchronize()
+    marks: list = []
+
+    def mark(name: str) -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        marks.append((name, time.perf_counter(), ev))
+
+    real = torch.profiler.record_function
+
+    class _Mark:  # the step's own phase annotations, as timing marks
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            mark(self.name)
+
+        def __exit__(self, *exc):
+            mark("end")
+
+    torch.profiler.record_function = _Mark
+    try:
+        step(10_002)
+    finally:
+        torch.profiler.record_function = real
+    torch.cuda.synchronize()
+    out = {}
+    for (name, t, ev), (_, t2, ev2) in zip(marks[0::2], marks[1::2]):
+        out[name.removeprefix("phase:")] = {"host_ms": round((t2 - t) * 1e3, 1), "gpu_ms": round(ev.elapsed_time(ev2), 1)}
+    return out
+
+
+def memory_at_peak(step) -> dict:
+    """One more step with the allocator's history on: the bytes live at the step's peak, by where they were
+    allocated (the innermost frame in phikit, peft, transformers or bitsandbytes, and the innermost one overall).
+    Blocks allocated before the step (weights, LoRA weights and optimizer state, parked inputs) form one row."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        step(10_001)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snap["device_traces"][torch.cuda.current_device()]
+    live_end = {b["address"]: b["size"] for seg in snap["segments"] for b in seg["blocks"] if b["state"] == "active_allocated"}
+    # Walk back from the end to find the blocks live before the step, then forward to the peak.
+    live = dict(live_end)
+    for e in reversed(trace):
+        if e["action"] == "alloc":
+            live.pop(e["addr"], None)
+        elif e["action"] == "free_requested":  # the allocated-bytes counter drops here (a block with pending
+            live[e["addr"]] = e["size"]          # stream uses goes back to the cache later: free_completed)
+    before = sum(live.values())
+    sites = {a: "allocated before the step" for a in live}
+    total, peak, peak_i = before, before, -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            total += e["size"]
+            if total > peak:
+                peak, peak_i = total, i
+        elif e["action"] == "free_requested":
+            total -= e["size"]
+    for e in trace[: peak_i + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            sites[e["addr"]] = _site(e.get("frames") or [])
+        elif e["action"] == "free_requested":
+            live.pop(e["addr"], None)
+    by_site: dict[str, list] = {}
+    for a, size in live.items():
+        r = by_site.setdefault(sites.get(a, "?"), [0, 0])
+        r[0] += size
+        r[1] += 1
+    top = sorted(by_site.items(), key=lambda kv: -kv[1][0])[:20]
+    return {"peak_gib": round(peak / 2**30, 3), "before_step_gib": round(before / 2**30, 3),
+            "at_peak": [{"site": k, "mib": round(v[0] / 2**20, 1), "blocks": v[1]} for k, v in top],
+            "peak_during": _site(trace[peak_i].get("frames") or []) if peak_i >= 0 else None}
+
+
+def _site(frames: list) -> str:
+    def fmt(f):
+        return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+
+    ours = next((f for f in frames if re.search(r"/(phikit|peft|transformers|bitsandbytes)/", f["filename"])), None)
+    inner = frames[0] if frames else None
+    if inner is None:
+        return "?"
+    return fmt(inner) + ("" if ours is None or ours is inner else " <- " + fmt(ours))
 
 
 def profile(step) -> dict:
@@ -232,9 +338,16 @@ def profile(step) -> dict:
     for e in gpu:
         g = kernel_group(e.key)
         groups[g] = groups.get(g, 0.0) + e.self_device_time_total / 1e3
+    # The timeline from a second step traced on the GPU side only: the CPU-side tracing above slows the host
+    # enough to leave the GPU waiting where it otherwise would not.
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p2:
+        step(10_003)
+        torch.cuda.synchronize()
     return {"wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(sum(e.self_device_time_total for e in gpu) / 1e3, 1),
             "groups_ms": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            **timeline(p.events()),
+            "host_phase_ms": timeline(p.events()).get("host_phase_ms"),
+            "gpu_only_trace": timeline(p2.events()),
             "top_kernels": [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count} for e in kernels[:25]],
             "top_cpu_ops": [{"op": e.key[:60], "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count} for e in cpu]}
 
@@ -263,7 +376,20 @@ def timeline(events) -> dict:
     return {"gpu_span_ms": round(span / 1e3, 1), "gpu_busy_ms": round(busy / 1e3, 1), "gpu_idle_ms": round((span - busy) / 1e3, 1),
             "idle_gaps_over_50us": sum(1 for g in gaps if g[0] > 50), "idle_in_gaps_over_50us_ms": round(sum(g[0] for g in gaps if g[0] > 50) / 1e3, 1),
             "longest_gaps": [{"us": round(g), "after": a[:60], "before": b[:60]} for g, a, b in sorted(gaps, reverse=True)[:8]],
-            "host_phase_ms": phases}
+            "gaps_by_neighbours": _gaps_by_neighbours(gaps),
+            **({"host_phase_ms": phases} if phases else {})}
+
+
+def _gaps_by_neighbours(gaps) -> list:
+    """The idle time in gaps over 10 µs, summed by the kernels before and after (first 40 characters of each)."""
+    sums: dict[tuple, list] = {}
+    for g, a, b in gaps:
+        if g > 10:
+            r = sums.setdefault((a[:40], b[:40]), [0.0, 0])
+            r[0] += g
+            r[1] += 1
+    return [{"ms": round(t / 1e3, 2), "gaps": n, "after": a, "before": b}
+            for (a, b), (t, n) in sorted(sums.items(), key=lambda kv: -kv[1][0])[:10]]
 
 
 def _annotation(name: str) -> bool:
@@ -316,6 +442,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one more step to each row")
+    ap.add_argument("--memory", action="store_true", help="add the live GPU memory at one more step's peak, by allocation site")
     ap.add_argument("--out", type=Path, help="append each row here (JSON lines)")
     ap.add_argument("--impl", help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -344,7 +471,7 @@ def main() -> None:
             else:
                 cmd = [sys.executable, __file__, "--impl", impl, "--path", d, "--size", args.size, "--seq", str(args.seq),
                        "--micro-batch", str(args.micro_batch), "--label-frac", str(args.label_frac), "--dropout", str(args.dropout), "--optim", args.optim, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []) + (["--tiny"] if args.tiny else []) \
+                       "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []) + (["--memory"] if args.memory else []) + (["--tiny"] if args.tiny else []) \
                       + [f"--inductor={kv}" for kv in args.inductor]
                 p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
                 rows = [json.loads(line[4:]) for line in p.stdout.splitlines() if line.startswith("ROW ")]

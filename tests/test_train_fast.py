@@ -222,6 +222,10 @@ def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs, com
     eagerly and through the compiled layers (whose dropout draws its own random numbers)."""
     from phikit.train.fast import offload_checkpointing, tile_mlp
 
+    if compile and torch.__version__ < (2, 13):
+        # torch 2.11's inductor on the CPU, in float64 with fallback_random, raises "expected scalar type Double
+        # but found Float" in this test; the CUDA test below checks the compiled path against eager there.
+        pytest.xfail("torch < 2.13: inductor fails on float64 CPU layers with fallback_random")
     model = _lora_model(tiny_dirs["phi4-mini"], dropout=0.3)
     layers = model.get_base_model().model.layers
     offload_checkpointing(layers, compile=compile)
@@ -245,6 +249,25 @@ def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs, com
                 p.sub_(sign * eps * d)
     assert abs(slope) > 1e-3, "a zero slope would make the check vacuous"
     assert (values[0] - values[1]) / (2 * eps) == pytest.approx(slope, rel=5e-3)
+
+
+@needs_cuda
+def test_compiled_layers_give_eager_gradients_on_cuda(tiny_dirs):
+    """On CUDA (fp32, dropout on), the compiled offloaded layers give the eager path's loss and gradients:
+    the same dropout masks in the no-grad forward and in the recompute (eager is checked by finite differences)."""
+    from phikit.train.fast import offload_checkpointing
+
+    results = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        model = _lora_model(tiny_dirs["phi4-mini"], dropout=0.3, dtype=torch.float32).to("cuda")
+        offload_checkpointing(model.get_base_model().model.layers, compile=compile)
+        batch = tuple(t.to("cuda") for t in _batch(model.config.vocab_size))
+        loss, _, grads = _loss_and_grads(model, batch)
+        results.append((loss.item(), torch.cat([g.flatten() for g in grads])))
+    (eager_loss, eager), (compiled_loss, compiled) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-4  # wrong masks: ~6% (measured on the CPU)
 
 
 def _nf4_linear(n_out: int, n_in: int):

@@ -11,6 +11,10 @@ for what in "$@"; do
     long) timeout 300 python benchmarks/train_speed.py --impls phikit --seq ${LONG_SEQ:-131072} --micro-batch 1 --steps 1 --warmup 1 --out $OUT/train_speed_long.jsonl ;;
     variants) python benchmarks/train_speed.py --impls phikit --dropout 0 --out $OUT/train_speed_variants.jsonl; python benchmarks/train_speed.py --impls phikit --optim adamw-fused --out $OUT/train_speed_variants.jsonl ;;
     phi4) python benchmarks/train_speed.py --size phi-4 --micro-batch 1 --impls ${IMPLS4:-phikit,stock} --profile --out $OUT/train_speed_phi4.jsonl ;;
+    mem) python benchmarks/train_speed.py --impls phikit --memory --steps 3 --out $OUT/train_speed_mem.jsonl
+         python benchmarks/train_speed.py --size phi-4 --micro-batch 1 --impls phikit --memory --steps 3 --out $OUT/train_speed_mem.jsonl ;;
+    dropout) for d in 0.05 0; do python benchmarks/train_speed.py --impls phikit --dropout $d --out $OUT/train_speed_dropout.jsonl
+                                  python benchmarks/train_speed.py --size phi-4 --micro-batch 1 --impls phikit --dropout $d --out $OUT/train_speed_dropout.jsonl; done ;;
     test) python -m pytest -q -p no:cacheprovider tests/test_train_fast.py tests/test_train.py 2>&1 | tail -5 ;;
   esac
 done

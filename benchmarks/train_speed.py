@@ -21,6 +21,7 @@ are the same), and the shape. RoPE scaling is left out of the random configs: it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import os
@@ -170,13 +171,14 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     losses = []
 
-    def step(k: int) -> None:
+    def step(k: int, phase=torch.profiler.record_function) -> None:
+        """One optimizer step; `phase(name)` wraps each phase (a profiler annotation, or `phases`' timing marks)."""
         torch.manual_seed(100 + k)  # the same dropout masks on every side
-        with torch.profiler.record_function("phase:forward"):
+        with phase("phase:forward"):
             loss = loss_fn(ids, att, lab, n_lab)
-        with torch.profiler.record_function("phase:backward"):
+        with phase("phase:backward"):
             loss.backward()
-        with torch.profiler.record_function("phase:optimizer"):
+        with phase("phase:optimizer"):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
         opt.zero_grad(set_to_none=not flat)  # flat: zeroed in place, the views keep their buffer
@@ -231,23 +233,13 @@ def phases(step) -> dict:
         ev.record()
         marks.append((name, time.perf_counter(), ev))
 
-    real = torch.profiler.record_function
+    @contextlib.contextmanager
+    def timed(name: str):
+        mark(name)
+        yield
+        mark("end")
 
-    class _Mark:  # the step's own phase annotations, as timing marks
-        def __init__(self, name):
-            self.name = name
-
-        def __enter__(self):
-            mark(self.name)
-
-        def __exit__(self, *exc):
-            mark("end")
-
-    torch.profiler.record_function = _Mark
-    try:
-        step(10_002)
-    finally:
-        torch.profiler.record_function = real
+    step(10_002, phase=timed)
     torch.cuda.synchronize()
     out = {}
     for (name, t, ev), (_, t2, ev2) in zip(marks[0::2], marks[1::2]):
@@ -346,7 +338,7 @@ def profile(step) -> dict:
         torch.cuda.synchronize()
     return {"wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(sum(e.self_device_time_total for e in gpu) / 1e3, 1),
             "groups_ms": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "host_phase_ms": timeline(p.events()).get("host_phase_ms"),
+            "host_phase_ms": host_phases(p.events()),
             "gpu_only_trace": timeline(p2.events()),
             "top_kernels": [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count} for e in kernels[:25]],
             "top_cpu_ops": [{"op": e.key[:60], "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count} for e in cpu]}
@@ -354,8 +346,8 @@ def profile(step) -> dict:
 
 def timeline(events) -> dict:
     """When the GPU computed and when it waited, in the profiled step: the union of its kernels' intervals
-    (the offload copies excluded: they run beside the compute), the idle time inside that span, the longest
-    gaps with the kernels around them, and each phase's host time (forward, backward, optimizer)."""
+    (the offload copies excluded: they run beside the compute), the idle time inside that span, and the
+    longest gaps with the kernels around them."""
     import torch
 
     kern = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
@@ -371,13 +363,18 @@ def timeline(events) -> dict:
             busy += b - max(a, end)
             end, prev = b, name
     span = end - kern[0][0]
-    phases = {e.name[6:]: round((e.time_range.end - e.time_range.start) / 1e3, 1) for e in events if e.name.startswith("phase:")
-              and e.device_type == torch.autograd.DeviceType.CPU}
     return {"gpu_span_ms": round(span / 1e3, 1), "gpu_busy_ms": round(busy / 1e3, 1), "gpu_idle_ms": round((span - busy) / 1e3, 1),
             "idle_gaps_over_50us": sum(1 for g in gaps if g[0] > 50), "idle_in_gaps_over_50us_ms": round(sum(g[0] for g in gaps if g[0] > 50) / 1e3, 1),
             "longest_gaps": [{"us": round(g), "after": a[:60], "before": b[:60]} for g, a, b in sorted(gaps, reverse=True)[:8]],
-            "gaps_by_neighbours": _gaps_by_neighbours(gaps),
-            **({"host_phase_ms": phases} if phases else {})}
+            "gaps_by_neighbours": _gaps_by_neighbours(gaps)}
+
+
+def host_phases(events) -> dict:
+    """Each phase's host time (forward, backward, optimizer), from the step's CPU-side annotations."""
+    import torch
+
+    return {e.name[6:]: round((e.time_range.end - e.time_range.start) / 1e3, 1) for e in events if e.name.startswith("phase:")
+            and e.device_type == torch.autograd.DeviceType.CPU}
 
 
 def _gaps_by_neighbours(gaps) -> list:

@@ -217,9 +217,11 @@ def _fully_shard(root, model):
     them) is its own unit, gathered only while it runs; the root holds the rest (embeddings, norm, head)."""
     from torch.distributed.fsdp import fully_shard
 
+    from .loop import _decoder_layers
+
     base = model.get_base_model()
     kinds = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in base.modules() if type(m).__name__ in kinds] or list(getattr(base.base_model, "layers", []))
+    layers = [m for m in base.modules() if type(m).__name__ in kinds] or list(_decoder_layers(base) or [])
     # No MixedPrecisionPolicy: the weights keep their dtypes (16-bit frozen base, fp32 LoRA, as peft makes
     # them) and compute as in a single-process run, under the same autocast. FSDP2 gathers mixed dtypes
     # in one unit (tried: bf16 base + fp32 LoRA on 2 gloo processes).

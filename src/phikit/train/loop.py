@@ -100,10 +100,11 @@ def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str, process
 
 
 def _decoder_layers(model):
-    """The model's list of decoder layers (transformers' `model.model.layers`), or None."""
+    """The list of decoder layers of a transformers causal LM (its base model's `layers`, as
+    `model.model.layers` for Phi and Llama), or None."""
     import torch
 
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    layers = getattr(getattr(model, "base_model", None), "layers", None)
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 

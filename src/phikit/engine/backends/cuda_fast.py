@@ -259,7 +259,7 @@ class StaticDecoder:
     def _greedy(self, logits, max_new: int) -> Iterator[int]:
         """Greedy decoding with the GPU one step ahead of the host.
 
-        Each step leaves its argmax in `_ids` (see `_step`), the next step's input, so step i+1 is
+        Each step leaves its argmax in `_ids` (see `_greedy_step`), the next step's input, so step i+1 is
         queued before token i is read: the GPU does not wait for the host's work between tokens
         (reading the token, the caller's detokenising and streaming). Tokens are the same as
         `sample()` at temperature 0 (argmax, first index on ties). A run that stops early leaves

@@ -14,8 +14,9 @@ Each side runs in its own process, so its peak memory is its own.
 One JSON object per side: tokens_per_s (all tokens of the batch over the step time), step_s,
 peak_mem_gib (the most allocated on the GPU while training, resident weights included; GiB),
 peak_reserved_gib (the most the caching allocator held, free cached blocks included),
-losses (per measured step; the sides' curves are comparable since data, seed and dropout masks
-are the same), and the shape. RoPE scaling is left out of the random configs: it does not change the cost.
+losses (per measured step; data and seed are the same on every side, and so are the dropout masks
+of the sides that use torch's dropout; phikit's compiled path hashes its own, so compare curves at
+--dropout 0), and the shape. RoPE scaling is left out of the random configs: it does not change the cost.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def batch(args, vocab: int, device: str):
     return ids.to(device), torch.ones_like(ids).to(device), labels.to(device)
 
 
-def optimizer(params, device: str, kind: str = "adamw8bit"):
+def optimizer(params, device: str, kind: str = "adamw8bit", phikit: bool = False):
+    """The optimizer of a side: phikit's sides take phikit's 8-bit AdamW (bitsandbytes' less its per-tensor
+    synchronise), the stock sides bitsandbytes' own."""
     import torch
 
     if kind == "adamw-fused" and device == "cuda":  # fp32 states, one multi-tensor kernel (the cost of 8-bit, measured)
@@ -85,7 +88,9 @@ def optimizer(params, device: str, kind: str = "adamw8bit"):
     if device == "cuda":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=1e-3, weight_decay=0.01)
+        from phikit.train.fast import adamw8bit
+
+        return (adamw8bit if phikit else bnb.optim.AdamW8bit)(params, lr=1e-3, weight_decay=0.01)
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
 
@@ -161,7 +166,7 @@ def worker(args) -> dict:
         from phikit.train.fast import flat_parameters
 
         params = flat_parameters(params)
-    opt = optimizer(params, device, args.optim)
+    opt = optimizer(params, device, args.optim, phikit=args.impl.startswith("phikit"))
     ids, att, lab = batch(args, model.config.vocab_size, device)
     n_lab = int((lab[:, 1:] != -100).sum())
     cuda = device == "cuda"
@@ -173,7 +178,7 @@ def worker(args) -> dict:
 
     def step(k: int, phase=torch.profiler.record_function) -> None:
         """One optimizer step; `phase(name)` wraps each phase (a profiler annotation, or `phases`' timing marks)."""
-        torch.manual_seed(100 + k)  # the same dropout masks on every side
+        torch.manual_seed(100 + k)  # the same dropout masks on every side that uses torch's dropout
         with phase("phase:forward"):
             loss = loss_fn(ids, att, lab, n_lab)
         with phase("phase:backward"):
@@ -182,7 +187,7 @@ def worker(args) -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
         opt.zero_grad(set_to_none=not flat)  # flat: zeroed in place, the views keep their buffer
-        losses.append(round(float(loss), 5))
+        losses.append(loss.detach())  # read after the timed steps: float(loss) here would wait for the GPU each step
 
     t_first = time.perf_counter()
     for k in range(args.warmup):
@@ -206,7 +211,7 @@ def worker(args) -> dict:
            # what the caching allocator held at most (allocated + cached free blocks); some tools report this one
            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
            "load_peak_gib": round(load_peak / 2**30, 3) if cuda else None, "load_s": round(load_s, 1),
-           "steps": args.steps, "warmup": args.warmup, "first_step_s": round(first_step_s, 1) if args.warmup else None, "losses": losses, "optimizer": type(opt).__name__ + (" (flat)" if flat else ""), **({"inductor": args.inductor} if args.inductor else {}), "quant": "nf4" if cuda else "none"}
+           "steps": args.steps, "warmup": args.warmup, "first_step_s": round(first_step_s, 1) if args.warmup else None, "losses": [round(float(v), 5) for v in losses], "optimizer": type(opt).__name__ + (" (flat)" if flat else ""), **({"inductor": args.inductor} if args.inductor else {}), "quant": "nf4" if cuda else "none"}
     if args.impl == "phikit":
         from phikit.train.fast import _Compiled
 
@@ -431,7 +436,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--label-frac", type=float, default=1.0, help="the labelled share of each sequence (its end) [1.0]")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout on every side [0.05]; 0 compares the loss curves "
-                    "without the dropout masks, which differ between kernels of different dtypes")
+                    "without the dropout masks, which differ between kernels of different dtypes and are hashed in phikit's compiled path")
     ap.add_argument("--optim", choices=["adamw8bit", "adamw-fused"], default="adamw8bit",
                     help="every side's optimizer: bitsandbytes 8-bit AdamW (the recipe) or torch's fused fp32 AdamW")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",

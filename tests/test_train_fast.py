@@ -61,7 +61,7 @@ def _batch(vocab: int, n: int = 2, seq: int = 40, seed: int = 1):
     return ids, torch.ones_like(ids), lab
 
 
-def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float32):
+def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float32, dropout: float = 0.3):
     """Losses and gradient norms of `steps` LoRA steps on one batch: phikit's path (fast) or transformers + peft's (stock)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -75,12 +75,12 @@ def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float
     cuda = device.startswith("cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else __import__("contextlib").nullcontext
     if fast:
-        cfg = make_config(lora_dropout=0.3, gradient_checkpointing=True, offload_activations=True, seed=0)
+        cfg = make_config(lora_dropout=dropout, gradient_checkpointing=True, offload_activations=True, seed=0)
         model, _ = prepare_lora(model, cfg, ModelSpec("tiny", None, "phi4-mini", lora_targets=PHI_LORA_TARGETS), "none", device)
     else:
         model.config.use_cache = False
         torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.3, target_modules=PHI_LORA_TARGETS, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout, target_modules=PHI_LORA_TARGETS, task_type="CAUSAL_LM"))
         model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if fast:  # as phikit's loop does in one process
@@ -160,9 +160,10 @@ def test_offloaded_layers_run_plainly_in_eval_and_without_grad(tiny_dirs):
 @needs_cuda
 def test_fast_path_follows_the_stock_curve_on_cuda(tiny_dirs):
     """bf16 autocast on both paths; they round in different places (chunked bf16 head, offloaded recompute),
-    so the tolerance is a few bf16 ulps of the loss (2^-8 relative is one)."""
-    fast_l, fast_n = _curve(tiny_dirs["phi4-mini"], "cuda", fast=True, dtype=torch.bfloat16)
-    stock_l, stock_n = _curve(tiny_dirs["phi4-mini"], "cuda", fast=False, dtype=torch.bfloat16)
+    so the tolerance is a few bf16 ulps of the loss (2^-8 relative is one). No dropout: the compiled path
+    hashes its own masks (fast_lora), so the two paths' masks differ."""
+    fast_l, fast_n = _curve(tiny_dirs["phi4-mini"], "cuda", fast=True, dtype=torch.bfloat16, dropout=0.0)
+    stock_l, stock_n = _curve(tiny_dirs["phi4-mini"], "cuda", fast=False, dtype=torch.bfloat16, dropout=0.0)
     assert fast_l == pytest.approx(stock_l, rel=2e-2)
     assert fast_n == pytest.approx(stock_n, rel=5e-2)
 
@@ -254,13 +255,15 @@ def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs, com
 @needs_cuda
 def test_compiled_layers_give_eager_gradients_on_cuda(tiny_dirs):
     """On CUDA (fp32, dropout on), the compiled offloaded layers give the eager path's loss and gradients:
-    the same dropout masks in the no-grad forward and in the recompute (eager is checked by finite differences)."""
-    from phikit.train.fast import offload_checkpointing
+    the same dropout masks in the no-grad forward and in the recompute (eager is checked by finite differences).
+    Both sides run fast_lora (the compiled path applies it), so both draw the hashed masks."""
+    from phikit.train.fast import fast_lora, offload_checkpointing
 
     results = []
     for compile in (False, True):
         torch._dynamo.reset()
         model = _lora_model(tiny_dirs["phi4-mini"], dropout=0.3, dtype=torch.float32).to("cuda")
+        fast_lora(model)
         offload_checkpointing(model.get_base_model().model.layers, compile=compile)
         batch = tuple(t.to("cuda") for t in _batch(model.config.vocab_size))
         loss, _, grads = _loss_and_grads(model, batch)
@@ -323,3 +326,49 @@ def test_compiled_nf4_layers_equal_bitsandbytes_and_share_one_graph(monkeypatch)
         assert torch.equal(g, w)
     for g, w in zip(got, want_grad):
         assert torch.equal(torch.autograd.grad(g.float().pow(2).sum(), x)[0], w)
+
+
+def test_hash_dropout_keeps_its_rate_and_replays_with_the_generator():
+    from phikit.train.fast import _hash_dropout, hash_dropout
+
+    x = torch.ones(1000, 1000)
+    torch.manual_seed(0)
+    a = hash_dropout(x, 0.3)
+    kept = a != 0
+    assert float(kept.float().mean()) == pytest.approx(0.7, abs=0.003)  # 6 sigma over 1e6 draws
+    assert torch.equal(a[kept], torch.full_like(a[kept], 1 / 0.7))  # inverted dropout: the kept values scaled
+    both = (kept[:, 1:] & kept[:, :-1]).float().mean()  # neighbours independent
+    assert float(both) == pytest.approx(0.49, abs=0.005)
+    torch.manual_seed(0)
+    assert torch.equal(hash_dropout(x, 0.3), a)  # the generator's state decides the mask: a recompute replays it
+    agree = float(((hash_dropout(x, 0.3) != 0) == kept).float().mean())
+    assert agree == pytest.approx(0.7**2 + 0.3**2, abs=0.005)  # the next draw: an independent mask
+    assert hash_dropout(x, 0.0) is x
+
+    # Compiled (as inside a compiled layer), the same function gives the same mask.
+    y = torch.randn(3, 37, 53, dtype=torch.float64)
+    seed = torch.tensor([123456789])
+    assert torch.equal(torch.compile(_hash_dropout, dynamic=True)(y, seed, 0.25), _hash_dropout(y, seed, 0.25))
+
+
+def test_fast_lora_equals_peft_and_defers_to_it_outside_the_plain_case(tiny_dirs):
+    """fast_lora's forward (scaling on the rank-r product) gives peft's loss and gradients, with scaling != 1;
+    with the adapter disabled or merged it is peft's own forward."""
+    from phikit.train.fast import fast_lora
+
+    model = _lora_model(tiny_dirs["phi4-mini"], dropout=0.0)  # r=4, alpha=8: scaling 2
+    batch = _batch(model.config.vocab_size)
+    want_loss, _, want = _loss_and_grads(model, batch)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=batch[0]).logits
+    assert fast_lora(model) == 4 * model.config.num_hidden_layers  # qkv, o, gate_up, down in each layer
+    assert fast_lora(model) == 0  # applied once
+    loss, _, got = _loss_and_grads(model, batch)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(got, want))
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=batch[0]).logits, base)
+        adapted = model(input_ids=batch[0]).logits
+        model.merge_adapter()
+        assert torch.allclose(model(input_ids=batch[0]).logits, adapted, rtol=1e-9, atol=1e-9)

@@ -18,6 +18,12 @@ The pieces, each small enough to read in one sitting:
   into one buffer each, so the optimizer steps one tensor instead of hundreds.
 - `compile_nf4`: inside a compiled layer, bitsandbytes' NF4 linear layers
   dequantise with torch ops instead of bitsandbytes' calls.
+- `fast_lora`: peft's LoRA layers in a compiled layer scale the rank-r product
+  instead of the full output, and draw their dropout masks from a hash the
+  compiler fuses (`hash_dropout`), so the backward keeps neither a scaled copy
+  of each output gradient nor the dropout's outputs and masks.
+- `AdamW8bit`: bitsandbytes' 8-bit AdamW without its device-wide synchronise
+  after each tensor.
 """
 
 from __future__ import annotations
@@ -163,10 +169,11 @@ def _replay(state: tuple, x: torch.Tensor):
 
 
 class _OffloadedLayer(torch.autograd.Function):
-    """Run `fn(x)` without keeping its activations; in backward, recompute it from the parked x."""
+    """Run `fn(x)` without keeping its activations; in backward, recompute it from the parked x.
+    `anchor`: a tensor that requires grad, so the backward runs (for the weights inside `fn`) also where x does not."""
 
     @staticmethod
-    def forward(ctx, fn, offload, x):
+    def forward(ctx, fn, offload, x, anchor):
         ctx.fn, ctx.offload, ctx.state = fn, offload, _capture(x)
         ctx.entry = offload.park(x.detach())
         with torch.no_grad():
@@ -174,11 +181,18 @@ class _OffloadedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # x's gradient is taken even where the caller needs none (the first layer's): one more graph to compile
+        # otherwise, for one layer's input gradient.
         x = ctx.offload.take(ctx.entry).detach().requires_grad_(True)
         with _replay(ctx.state, x):  # the recompute draws the same dropout masks
             out = ctx.fn(x)
         torch.autograd.backward(out, grad_out)
-        return None, None, x.grad
+        return None, None, x.grad if ctx.needs_input_grad[2] else None, None
+
+
+# What the first layer's Function hangs its backward on: the frozen embedding's output needs no gradient, and
+# making it a leaf that does would keep it alive (in its AccumulateGrad node) until the backward ends.
+_ANCHOR = torch.empty(0, requires_grad=True)
 
 
 class _TiledMLP(torch.autograd.Function):
@@ -201,12 +215,25 @@ class _TiledMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        with _replay(ctx.state, x):  # the chunks in the forward's order, so the forward's dropout masks
+        with _replay(ctx.state, x), _chunked():  # the chunks in the forward's order, so the forward's dropout masks
             for c, g, gx in zip(x.split(ctx.rows, dim=-2), grad_out.split(ctx.rows, dim=-2), grad_x.split(ctx.rows, dim=-2)):
                 c = c.detach().requires_grad_(True)
                 torch.autograd.backward(ctx.fn(c), g)
                 gx.copy_(c.grad)
         return None, grad_x, None
+
+
+_CHUNKED = False  # True while tile_mlp runs an MLP chunk by chunk: its LoRA dropout then draws a seed per chunk
+
+
+@contextlib.contextmanager
+def _chunked():
+    global _CHUNKED
+    before, _CHUNKED = _CHUNKED, True
+    try:
+        yield
+    finally:
+        _CHUNKED = before
 
 
 def tile_mlp(mlp: torch.nn.Module, min_tokens: int = 32768, rows: int = 8192) -> None:
@@ -218,9 +245,10 @@ def tile_mlp(mlp: torch.nn.Module, min_tokens: int = 32768, rows: int = 8192) ->
     # torch 2.11 (it passes on 2.13); run eagerly it passes on both.
     @torch.compiler.disable
     def tiled(x):
-        if torch.is_grad_enabled() and mlp.training:
-            return _TiledMLP.apply(plain, x, rows)
-        return torch.cat([plain(c) for c in x.split(rows, dim=-2)], dim=-2)
+        with _chunked():
+            if torch.is_grad_enabled() and mlp.training:
+                return _TiledMLP.apply(plain, x, rows)
+            return torch.cat([plain(c) for c in x.split(rows, dim=-2)], dim=-2)
 
     def forward(x, *args, **kwargs):
         if x.dim() != 3 or x.shape[0] * x.shape[1] < min_tokens or args or kwargs:
@@ -233,7 +261,8 @@ def tile_mlp(mlp: torch.nn.Module, min_tokens: int = 32768, rows: int = 8192) ->
 def offload_checkpointing(layers, compile: bool = False) -> None:
     """Checkpoint each decoder layer in `layers` with its input offloaded to pinned CPU memory (in place);
     the layers' MLPs run tiled for long sequences (tile_mlp); `compile`: each layer runs through
-    torch.compile, one compiled region shared by all the layers (they are the same code).
+    torch.compile, one compiled region shared by all the layers (they are the same code), with
+    compile_nf4 and fast_lora applied to it.
 
     A layer's forward must take the hidden states first and return a tensor
     (transformers 5 decoder layers do). In eval mode, or without grad, the
@@ -249,25 +278,144 @@ def offload_checkpointing(layers, compile: bool = False) -> None:
     # own random numbers differ between the no-grad forward graph and the recompute's training graph, so the
     # recompute would draw other masks than the forward and the gradient would not be the loss's (tested).
     compiled = _Compiled(type(layers[0]).forward, options={"fallback_random": True}) if compile else None
+    # fast_lora's dropout seed, one for all layers: drawn at the start of each layer's forward and again, from the
+    # replayed generator state, at the start of its recompute (one eager draw per layer instead of one per projection).
+    shared_seed = torch.zeros(1, dtype=torch.int64, device=dev)
     for layer in layers:
         if compile and COMPILE_NF4:
             compile_nf4(layer)
+        if compile or any(getattr(type(m), "_phikit_fast_lora", False) for m in layer.modules()):  # or the caller's
+            fast_lora(layer, shared_seed)
+            seed = shared_seed
+        else:
+            seed = None
         if isinstance(getattr(layer, "mlp", None), torch.nn.Module):
             tile_mlp(layer.mlp)
         plain = layer.forward
         run = functools.partial(compiled, layer) if compiled else plain  # compiled: the class's forward, as is
 
-        def forward(hidden_states, *args, _plain=plain, _run=run, _layer=layer, **kwargs):
+        def forward(hidden_states, *args, _plain=plain, _run=run, _layer=layer, _seed=seed, **kwargs):
             if not (_layer.training and torch.is_grad_enabled()):
+                if _seed is not None and _layer.training:  # dropout on without grad: the masks a training forward draws
+                    _seed.random_(0, 1 << 31)
                 return _plain(hidden_states, *args, **kwargs)
-            if not hidden_states.requires_grad:  # the frozen embedding's output: the LoRA weights inside still need the graph
-                hidden_states = hidden_states.detach().requires_grad_(True)
-            return _OffloadedLayer.apply(lambda h: _run(h, *args, **kwargs), offload, hidden_states)
+
+            def fn(h):
+                if _seed is not None:
+                    _seed.random_(0, 1 << 31)
+                return _run(h, *args, **kwargs)
+
+            return _OffloadedLayer.apply(fn, offload, hidden_states, _ANCHOR)
 
         layer.forward = forward
 
 
 COMPILE_NF4 = True  # offload_checkpointing(compile=True) applies compile_nf4 (the benchmark turns it off to compare)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """Thomas Mueller's 32-bit integer hash (a bijection on [0, 2^32)), in int64 so that no product overflows."""
+    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
+    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
+    return (h >> 16) ^ h
+
+
+def _hash_dropout(x: torch.Tensor, seed: torch.Tensor, p: float, site: int = 0) -> torch.Tensor:
+    """Dropout of `x` at rate `p`, its mask a hash of (`seed`, `site`, the element's position): a pure function,
+    so a compiler fuses it into the neighbouring element-wise work and rebuilds it in the backward from the seed."""
+    i = torch.arange(x.numel(), device=x.device).view(x.shape)
+    h = _mix32(_mix32((i & _M32) ^ (i >> 32)) ^ ((seed + site * 0x9E3779B9) & _M32))
+    keep = h >= int(p * 2**32)
+    return torch.where(keep, x.float() * (1 / (1 - p)), 0).to(x.dtype)
+
+
+@functools.cache
+def _hash_dropout_compiled() -> "_Compiled":
+    # Outside a compiled layer (a tiled MLP, or a layer the compiler could not take): one kernel instead of ~15.
+    return _Compiled(_hash_dropout, dynamic=True)
+
+
+def hash_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None, site: int = 0) -> torch.Tensor:
+    """Dropout whose mask is a hash of a seed, a `site` number and the position. The seed (a one-element int64
+    tensor) is drawn from torch's generator unless given, so a recompute that replays the generator's state,
+    as the checkpointing here does, draws the same mask.
+
+    Why not torch's dropout: inside a compiled layer it runs as an eager kernel (the compiler's own random
+    numbers differ between the no-grad forward and the recompute; see offload_checkpointing), which writes the
+    dropped tensor and a mask that the backward then keeps. Before this, dropout 0.05 cost 3% of a Phi-4-mini
+    step and 0.08 GiB at phi-4's peak against dropout 0 (H100). The hash costs a few integer operations inside
+    a kernel that runs anyway."""
+    if p == 0:
+        return x
+    if seed is None:
+        seed = torch.randint(1 << 31, (1,), device=x.device)
+    fn = _hash_dropout if torch.compiler.is_compiling() or not x.is_cuda else _hash_dropout_compiled()
+    return fn(x, seed, p, site)
+
+
+def fast_lora(module: torch.nn.Module, seed: torch.Tensor | None = None) -> int:
+    """peft's LoRA linear layers in `module` run the plain LoRA forward below (in place; returns how many).
+    `seed`: a one-element int64 tensor their dropout hashes (each layer its own site), which the caller
+    redraws before each forward; without it (or in a tiled MLP's chunks) each call draws its own.
+
+    result = base(x) + B(A(dropout(x)) * scaling): the scaling multiplies the rank-r product, where peft
+    multiplies the full output, and the dropout is `hash_dropout`. Same function; two costs gone in a compiled
+    layer. peft's `* scaling` (even by 1.0) makes the backward write a scaled copy of each output gradient (at
+    phi-4's gate/up projection, 140 MB at the step's peak), and torch's dropout keeps its outputs and masks.
+    Anything but that plain case (merged or disabled adapters, DoRA and other variants, a LoRA bias, mixed
+    adapter batches) runs peft's own forward. The class changes, as in compile_nf4, so one compiled graph
+    still serves every layer; the dropout masks differ from peft's (another generator), so the stock path's
+    masks are not reproduced once this is applied.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return 0
+    n = site = 0
+    for m in module.modules():
+        if not (isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)):
+            continue
+        if not getattr(type(m), "_phikit_fast_lora", False):
+            m.__class__ = _fast_lora_class(type(m))
+            n += 1
+        if seed is not None:  # the same tensor in every layer, as a buffer so torch.compile takes it as an input
+            m.register_buffer("phikit_seed", seed, persistent=False)
+            m.phikit_site = site
+            site += 1
+    return n
+
+
+@functools.cache
+def _fast_lora_class(base: type) -> type:
+    class FastLora(base):
+        _phikit_fast_lora = True
+
+        def _plain(self) -> bool:
+            variants, dora = getattr(self, "lora_variant", {}), getattr(self, "use_dora", {})
+            return not (self.disable_adapters or self.merged) and all(
+                a not in variants and not dora.get(a) and self.lora_B[a].bias is None
+                for a in self.active_adapters if a in self.lora_A)
+
+        def forward(self, x, *args, **kwargs):
+            if args or kwargs or not self._plain():
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x)
+            for a in self.active_adapters:
+                if a not in self.lora_A:
+                    continue
+                lora_A, lora_B, drop = self.lora_A[a], self.lora_B[a], self.lora_dropout[a]
+                h = x if torch.is_autocast_enabled() else x.to(lora_A.weight.dtype)  # as peft: its dtype without autocast
+                if isinstance(drop, torch.nn.Dropout) and drop.training:
+                    seed = None if _CHUNKED else getattr(self, "phikit_seed", None)
+                    h = hash_dropout(h, drop.p, seed, getattr(self, "phikit_site", 0))
+                result = result + lora_B(lora_A(h) * self.scaling[a]).to(result.dtype)
+            return result
+
+    FastLora.__name__ = FastLora.__qualname__ = f"FastLora{base.__name__}"
+    return FastLora
 
 
 def _nf4_weight(packed, absmax_q, absmax2, code2, offset, code, blocksize: int, blocksize2: int, shape, dtype):
@@ -390,3 +538,42 @@ def flat_parameters(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter
         fp.grad = grad
         flats.append(fp)
     return flats
+
+
+def adamw8bit(params, **kwargs):
+    """bitsandbytes' AdamW8bit, less its device-wide synchronise after each tensor's update.
+
+    Its step calls torch.cuda.synchronize() once per parameter (bitsandbytes.utils.sync_gpu), which its paged
+    states need. Unpaged, every kernel is ordered on the current stream, and the synchronise only empties the
+    GPU's queue: the next step's first layers then wait on the host's launches. The step is bitsandbytes' own
+    loop otherwise; paged optimizers keep bitsandbytes' step."""
+    return _adamw8bit_class()(params, **kwargs)
+
+
+@functools.cache
+def _adamw8bit_class() -> type:
+    import bitsandbytes as bnb
+
+    class AdamW8bit(bnb.optim.AdamW8bit):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if self.is_paged:
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)
+            return loss
+
+    return AdamW8bit

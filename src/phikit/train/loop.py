@@ -42,9 +42,9 @@ def _make_optimizer(cfg: TrainConfig, params, device: str):
     want = cfg.optimizer
     if want in ("auto", "adamw8bit") and device.startswith("cuda"):
         try:
-            import bitsandbytes as bnb
+            from .fast import adamw8bit
 
-            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay), "adamw8bit"
+            return adamw8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay), "adamw8bit"
         except Exception as e:  # bitsandbytes missing or without a CUDA build: the fallback is noted in the log
             if want == "adamw8bit":
                 raise PhikitError(f"--optimizer adamw8bit needs bitsandbytes with CUDA ({e}); use --optimizer adamw") from None
@@ -164,6 +164,38 @@ def _lm_loss(model, ids, att, lab, autocast):
             return linear_cross_entropy(h, head.weight, target[keep])
         logits = head(h)
     return F.cross_entropy(logits.float(), target[keep], reduction="sum")
+
+
+class _Readback:
+    """Each step's loss, read on the host one step late.
+
+    float(loss) at the step's end waits for the GPU to finish the step, and the next step then starts
+    on an idle GPU whose first layers wait for the host's launches. Here the loss is copied to pinned
+    memory behind the step's work, and waited for only once the next step has been queued.
+    """
+
+    def __init__(self):
+        self.queue: list = []
+
+    def push(self, loss, **fields) -> None:
+        import torch
+
+        done = None
+        if loss is not None and loss.is_cuda:
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            host.copy_(loss, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            loss = host
+        self.queue.append((loss, done, fields))
+
+    def ready(self):
+        """(loss, fields) of each queued step, oldest first (waiting for each)."""
+        while self.queue:
+            loss, done, fields = self.queue.pop(0)
+            if done is not None:
+                done.synchronize()
+            yield (0.0 if loss is None else float(loss)), fields
 
 
 def _count_labels(items) -> int:
@@ -329,23 +361,36 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
     step, epoch, micro = state["step"], state["epoch"], state["micro"]
     val_loss = None
+    readback = _Readback()
+
+    def write_logs() -> None:
+        """The log lines of the steps whose loss has not been read yet."""
+        for loss_sum, rec in readback.ready():
+            (loss_sum,) = dist.all_sum(loss_sum)
+            tlog.write(step=rec["step"], epoch=rec["epoch"], loss=round(loss_sum, 5), lr=rec["lr"], tokens_per_s=rec["tokens_per_s"])
+            if bar:
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update(1)
+
     while step < total:
         batches = batch_order(lengths, cfg.micro_batch, cfg.seed, epoch, cfg.group_by_length)
         while micro < len(batches) and step < total:
             t0 = time.perf_counter()
             group = [[train_items[i] for i in b] for b in batches[micro : micro + cfg.grad_accum * dist.world]]
             n_lab = sum(_count_labels(g) for g in group)  # over the global batch: the loss is its per-token mean
-            loss_sum, n_tok = 0.0, 0
+            loss_sum, n_tok = None, 0  # the loss stays on the device (see _Readback)
             mine = dist.micro_batches(group)  # this rank's share; passes at weight 0 where it has none (see backward)
             for k, (chunk, real) in enumerate(mine):
-                ids, att, lab = (t.to(device) for t in collate(chunk, pad_id))
+                ids, att, lab = collate(chunk, pad_id)
+                if real:
+                    n_tok += int(att.sum())
+                ids, att, lab = ids.to(device), att.to(device), lab.to(device)
                 with dist.no_sync(fwd, accumulate=k < len(mine) - 1):
                     loss = fwd(ids, att, lab) / max(n_lab, 1)
                     dist.backward(loss, has_data=real)
                 if real:
-                    loss_sum += float(loss.detach())
-                    n_tok += int(att.sum())
-            loss_sum, n_tok = dist.all_sum(loss_sum, n_tok)
+                    loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            (n_tok,) = dist.all_sum(n_tok)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -353,13 +398,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
             optimizer.zero_grad(set_to_none=False)  # in place: flat_parameters' views must keep their buffer
             micro += len(group)
             step += 1
-            dt = time.perf_counter() - t0
-            state.update(step=step, epoch=epoch, micro=micro, tokens=state["tokens"] + n_tok, train_s=state["train_s"] + dt)
             lr = scheduler.get_last_lr()[0]
-            tlog.write(step=step, epoch=round(epoch + micro / len(batches), 4), loss=round(loss_sum, 5), lr=lr, tokens_per_s=round(n_tok / dt, 1))
-            if bar:
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}")
-                bar.update(1)
+            write_logs()  # the previous step's line: this step is already queued on the GPU behind it
+            dt = time.perf_counter() - t0
+            readback.push(loss_sum, step=step, epoch=round(epoch + micro / len(batches), 4), lr=lr, tokens_per_s=round(n_tok / dt, 1))
+            state.update(step=step, epoch=epoch, micro=micro, tokens=state["tokens"] + n_tok, train_s=state["train_s"] + dt)
+            if micro >= len(batches) or (cfg.save_every and step % cfg.save_every == 0) or step == stop_after:
+                write_logs()  # an eval or a checkpoint follows: the log is whole up to this step first
             if micro >= len(batches):  # end of epoch: the checkpoint below then starts the next one
                 if cfg.eval_every_epoch and val_items:
                     val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist, fwd)
@@ -377,6 +422,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
                 break
         if micro >= len(batches):
             epoch, micro = epoch + 1, 0
+    write_logs()
     if bar:
         bar.close()
     if val_items and (val_loss is None or not cfg.eval_every_epoch):

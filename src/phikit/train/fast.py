@@ -22,7 +22,7 @@ The pieces, each small enough to read in one sitting:
   instead of the full output, and draw their dropout masks from a hash the
   compiler fuses (`hash_dropout`), so the backward keeps neither a scaled copy
   of each output gradient nor the dropout's outputs and masks.
-- `AdamW8bit`: bitsandbytes' 8-bit AdamW without its device-wide synchronise
+- `adamw8bit`: bitsandbytes' 8-bit AdamW without its device-wide synchronise
   after each tensor.
 """
 

@@ -44,7 +44,9 @@ class _LinearCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, target, chunk):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
-        ce = _ce_compiled() if hidden.is_cuda else _ce_chunk
+        # On CUDA the chunk compiles into a reduction and one element-wise pass over the bf16 logits; eagerly it is
+        # ~6 passes over fp32 copies (~15 ms a Phi-4-mini step).
+        ce = _compiled_dynamic(_ce_chunk) if hidden.is_cuda else _ce_chunk
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], target[s : s + chunk]
             loss, dlogits = ce(h @ weight.t(), t, grad is not None)
@@ -74,10 +76,9 @@ def _ce_chunk(logits: torch.Tensor, target: torch.Tensor, with_grad: bool):
 
 
 @functools.cache
-def _ce_compiled() -> "_Compiled":
-    # On CUDA the chunk compiles into a reduction and one element-wise pass over the bf16 logits; eagerly it is
-    # ~6 passes over fp32 copies (~15 ms a Phi-4-mini step). dynamic: the last chunk is shorter.
-    return _Compiled(_ce_chunk, dynamic=True)
+def _compiled_dynamic(fn) -> "_Compiled":
+    """`fn` compiled once for every shape (dynamic: chunks and inputs vary in length), shared by its callers."""
+    return _Compiled(fn, dynamic=True)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -332,12 +333,6 @@ def _hash_dropout(x: torch.Tensor, seed: torch.Tensor, p: float, site: int = 0) 
     return torch.where(keep, x.float() * (1 / (1 - p)), 0).to(x.dtype)
 
 
-@functools.cache
-def _hash_dropout_compiled() -> "_Compiled":
-    # Outside a compiled layer (a tiled MLP, or a layer the compiler could not take): one kernel instead of ~15.
-    return _Compiled(_hash_dropout, dynamic=True)
-
-
 def hash_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None, site: int = 0) -> torch.Tensor:
     """Dropout whose mask is a hash of a seed, a `site` number and the position. The seed (a one-element int64
     tensor) is drawn from torch's generator unless given, so a recompute that replays the generator's state,
@@ -352,7 +347,9 @@ def hash_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None, si
         return x
     if seed is None:
         seed = torch.randint(1 << 31, (1,), device=x.device)
-    fn = _hash_dropout if torch.compiler.is_compiling() or not x.is_cuda else _hash_dropout_compiled()
+    # Outside a compiled layer on CUDA (a tiled MLP, or a layer the compiler could not take): compiled on its
+    # own, one kernel instead of ~15.
+    fn = _hash_dropout if torch.compiler.is_compiling() or not x.is_cuda else _compiled_dynamic(_hash_dropout)
     return fn(x, seed, p, site)
 
 

@@ -403,15 +403,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
             dt = time.perf_counter() - t0
             readback.push(loss_sum, step=step, epoch=round(epoch + micro / len(batches), 4), lr=lr, tokens_per_s=round(n_tok / dt, 1))
             state.update(step=step, epoch=epoch, micro=micro, tokens=state["tokens"] + n_tok, train_s=state["train_s"] + dt)
-            if micro >= len(batches) or (cfg.save_every and step % cfg.save_every == 0) or step == stop_after:
-                write_logs()  # an eval or a checkpoint follows: the log is whole up to this step first
             if micro >= len(batches):  # end of epoch: the checkpoint below then starts the next one
                 if cfg.eval_every_epoch and val_items:
+                    write_logs()  # the step's line before the eval's
                     val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist, fwd)
                     tlog.write(step=step, epoch=epoch + 1, eval_loss=round(val_loss, 5))
                 epoch, micro = epoch + 1, 0
                 state.update(epoch=epoch, micro=micro)
             if (cfg.save_every and step % cfg.save_every == 0) or step == stop_after:
+                write_logs()  # the log whole up to the checkpoint, which a resume starts from
                 _save(dist, out, step, model, optimizer, scheduler, state, cfg.keep_last)
             if stop_after and step >= stop_after:
                 if bar:

@@ -68,14 +68,14 @@ def load(path: str, device: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def batch(args, vocab: int, device: str):
+def batch(args, vocab: int):
     import torch
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, vocab, (args.micro_batch, args.seq), generator=g)
     labels = ids.clone()
     labels[:, : int(args.seq * (1 - args.label_frac))] = -100
-    return ids.to(device), torch.ones_like(ids).to(device), labels.to(device)
+    return ids, torch.ones_like(ids), labels  # on the host; the stock sides take them to the device once
 
 
 def optimizer(params, device: str, kind: str = "adamw8bit", phikit: bool = False):
@@ -99,7 +99,7 @@ def make_phikit(path, args, device, offload: bool, compile: bool):
 
     from phikit.models.registry import PHI_LORA_TARGETS, ModelSpec
     from phikit.train.config import make_config
-    from phikit.train.loop import _lm_loss, prepare_lora
+    from phikit.train.loop import _lm_loss, _to_device, prepare_lora
 
     cfg = make_config(lora_r=16, lora_alpha=16, lora_dropout=args.dropout, gradient_checkpointing=True, offload_activations=offload,
                       compile=compile, seed=0)
@@ -107,7 +107,8 @@ def make_phikit(path, args, device, offload: bool, compile: bool):
     model, _ = prepare_lora(load(path, device), cfg, spec, "nf4" if device == "cuda" else "none", device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else __import__("contextlib").nullcontext
 
-    def loss_fn(ids, att, lab, n_lab):
+    def loss_fn(ids, att, lab, n_lab):  # as the loop does: the batch from the host each step, the labels kept there
+        ids, att = _to_device(device, ids, att)
         return _lm_loss(model, ids, att, lab, autocast) / n_lab
 
     return model, loss_fn
@@ -167,14 +168,16 @@ def worker(args) -> dict:
 
         params = flat_parameters(params)
     opt = optimizer(params, device, args.optim, phikit=args.impl.startswith("phikit"))
-    ids, att, lab = batch(args, model.config.vocab_size, device)
+    ids, att, lab = batch(args, model.config.vocab_size)
     n_lab = int((lab[:, 1:] != -100).sum())
+    if not args.impl.startswith("phikit"):
+        ids, att, lab = ids.to(device), att.to(device), lab.to(device)
     cuda = device == "cuda"
     if cuda:
         load_peak = torch.cuda.max_memory_allocated()
         torch.cuda.empty_cache()  # the loader's freed blocks: so the reserved peak is the training's own
         torch.cuda.reset_peak_memory_stats()
-    losses = []
+    losses, done = [], []
 
     def step(k: int, phase=torch.profiler.record_function) -> None:
         """One optimizer step; `phase(name)` wraps each phase (a profiler annotation, or `phases`' timing marks)."""
@@ -188,6 +191,11 @@ def worker(args) -> dict:
             opt.step()
         opt.zero_grad(set_to_none=not flat)  # flat: zeroed in place, the views keep their buffer
         losses.append(loss.detach())  # read after the timed steps: float(loss) here would wait for the GPU each step
+        if cuda:  # the host at most one step ahead of the GPU, as in phikit's loop (which reads each loss one step late)
+            done.append(torch.cuda.Event())
+            done[-1].record()
+            if len(done) > 1:
+                done.pop(0).synchronize()
 
     t_first = time.perf_counter()
     for k in range(args.warmup):

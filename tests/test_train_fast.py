@@ -273,6 +273,55 @@ def test_compiled_layers_give_eager_gradients_on_cuda(tiny_dirs):
     assert float((compiled - eager).norm() / eager.norm()) < 1e-4  # wrong masks: ~6% (measured on the CPU)
 
 
+@needs_cuda
+def test_lm_loss_takes_labels_from_the_host(tiny_dirs):
+    """The labels left in CPU memory (the loop's case: the label positions found on the host) give the loss and
+    gradients that the labels on the GPU give."""
+    model = _lora_model(tiny_dirs["phi4-mini"], dropout=0.0, dtype=torch.float32).to("cuda")
+    ids, att, lab = _batch(model.config.vocab_size)
+    lab[1, 25:30] = -100  # rows with different label positions
+    dev = _loss_and_grads(model, (ids.cuda(), att.cuda(), lab.cuda()))
+    host = _loss_and_grads(model, (ids.cuda(), att.cuda(), lab))
+    assert host[0].item() == pytest.approx(dev[0].item(), rel=1e-6)
+    for a, b in zip(host[2], dev[2]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_host_embedding_keeps_what_it_cannot_move(tiny_dirs):
+    """Off the GPU, tied to the head, or trained: the input embedding stays where it is."""
+    from transformers import AutoModelForCausalLM
+
+    from phikit.train.fast import host_embedding
+
+    untied = AutoModelForCausalLM.from_pretrained(tiny_dirs["phi4"])
+    before = untied.get_input_embeddings().weight
+    assert host_embedding(untied) == 0 and untied.get_input_embeddings().weight is before  # on the CPU
+    if torch.cuda.is_available():
+        tied = AutoModelForCausalLM.from_pretrained(tiny_dirs["phi4-mini"]).cuda().requires_grad_(False)
+        assert host_embedding(tied) == 0
+        trained = untied.cuda()  # its embedding requires grad
+        assert host_embedding(trained) == 0 and trained.get_input_embeddings().weight.requires_grad
+
+
+@needs_cuda
+def test_host_embedding_frees_gpu_memory_and_keeps_the_outputs(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from phikit.train.fast import host_embedding
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["phi4"], dtype=torch.bfloat16).cuda().requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 17), device="cuda")
+    want = model(ids).logits
+    table = model.get_input_embeddings().weight.numel() * 2
+    used = torch.cuda.memory_allocated()
+    assert host_embedding(model) == table
+    torch.cuda.synchronize()
+    assert used - torch.cuda.memory_allocated() >= table  # the GPU copy is gone
+    w = model.get_input_embeddings().weight
+    assert w.is_cuda and not w.requires_grad
+    assert torch.equal(model(ids).logits, want)
+
+
 def _nf4_linear(n_out: int, n_in: int):
     from bitsandbytes.nn import Linear4bit, Params4bit
 
@@ -349,6 +398,30 @@ def test_hash_dropout_keeps_its_rate_and_replays_with_the_generator():
     y = torch.randn(3, 37, 53, dtype=torch.float64)
     seed = torch.tensor([123456789])
     assert torch.equal(torch.compile(_hash_dropout, dynamic=True)(y, seed, 0.25), _hash_dropout(y, seed, 0.25))
+
+
+def test_hash_dropout_in_int32_is_the_uint32_hash():
+    """The int32 arithmetic (wrapping multiplies, masked shifts, sign-flipped compare) keeps exactly the elements
+    the hash in plain uint32 arithmetic (computed here in int64, masked to 32 bits) keeps: eager, compiled as
+    inside a layer (the rate a constant), and compiled once for every rate, as hash_dropout does outside one."""
+    from phikit.train.fast import _I32_MIN, _dropped, _hash_dropout
+
+    m = 0xFFFFFFFF
+
+    def mix(h):
+        h = ((h >> 16) ^ h) * 0x45D9F3B & m
+        h = ((h >> 16) ^ h) * 0x45D9F3B & m
+        return (h >> 16) ^ h
+
+    x = torch.ones(64, 4099)
+    shared = torch.compile(_dropped, dynamic=True)
+    for seed, site, p in ((123456789, 0, 0.1), ((1 << 31) - 1, 5, 0.5), (7, 3, 0.95)):
+        i = torch.arange(x.numel()).view(x.shape)
+        want = mix(mix(i) ^ ((seed + site * 0x9E3779B9) & m)) >= int(p * 2**32)
+        s = torch.tensor([seed])
+        assert torch.equal(_hash_dropout(x, s, p, site) != 0, want)
+        assert torch.equal(torch.compile(lambda x, s: _hash_dropout(x, s, p, site), dynamic=False)(x, s) != 0, want)
+        assert torch.equal(shared(x, s, int(p * 2**32) + _I32_MIN, 1 / (1 - p), site) != 0, want)
 
 
 def test_fast_lora_equals_peft_and_defers_to_it_outside_the_plain_case(tiny_dirs):

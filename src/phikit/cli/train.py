@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", type=_bool, metavar="BOOL", help="[on for CUDA, off on CPU]")
     g.add_argument("--compile", type=_bool, metavar="BOOL", help="torch.compile each decoder layer (with offloaded activations) [on for CUDA]")
     g.add_argument("--offload-activations", type=_bool, metavar="BOOL",
-                   help="keep checkpointed layer inputs in CPU memory [on with checkpointing on CUDA, one process]")
+                   help="keep checkpointed layer inputs, and an untied frozen input embedding, in CPU memory [on with checkpointing on CUDA, one process]")
     g.add_argument("--seed", type=int, help="[42]")
     g = p.add_argument_group("data and run")
     g.add_argument("--limit", type=int, help="use the first N examples")

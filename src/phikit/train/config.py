@@ -36,7 +36,7 @@ class TrainConfig:
     group_by_length: bool = True
     gradient_checkpointing: bool | None = None  # None = on for CUDA, off on CPU (where memory is not the limit)
     compile: bool | None = None  # torch.compile each decoder layer (one shared region) on the offloaded path; None = on for CUDA
-    offload_activations: bool | None = None  # checkpointed layer inputs wait in CPU memory; None = on with checkpointing on CUDA, one process
+    offload_activations: bool | None = None  # checkpointed layer inputs (and an untied frozen input embedding) wait in CPU memory; None = on with checkpointing on CUDA, one process
     seed: int = 42
     # data
     limit: int | None = None  # first N examples (after balancing)

@@ -24,6 +24,8 @@ The pieces, each small enough to read in one sitting:
   of each output gradient nor the dropout's outputs and masks.
 - `adamw8bit`: bitsandbytes' 8-bit AdamW without its device-wide synchronise
   after each tensor.
+- `host_embedding`: a frozen input embedding that the LM head does not share
+  waits in pinned CPU memory, where the GPU reads the rows it needs.
 """
 
 from __future__ import annotations
@@ -315,22 +317,44 @@ COMPILE_NF4 = True  # offload_checkpointing(compile=True) applies compile_nf4 (t
 
 
 _M32 = 0xFFFFFFFF
+_I32_MIN = -(1 << 31)
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """Thomas Mueller's 32-bit integer hash (a bijection on [0, 2^32)), in int64 so that no product overflows."""
-    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
-    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
-    return (h >> 16) ^ h
+    """Thomas Mueller's 32-bit integer hash (a bijection on [0, 2^32)) on int32 tensors holding the uint32 bit
+    patterns: int32 multiplies wrap as uint32 ones do, and the masked arithmetic shift is the logical one.
+    In int32 because the GPU's int64 multiplies are several instructions each: in int64 the hash made the
+    dropout kernels compute-bound (H100)."""
+    h = (((h >> 16) & 0xFFFF) ^ h) * 0x45D9F3B
+    h = (((h >> 16) & 0xFFFF) ^ h) * 0x45D9F3B
+    return ((h >> 16) & 0xFFFF) ^ h
+
+
+def _low32(v: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of an int64 tensor as an int32 one (the same bits; an exact cast, not an overflowing one)."""
+    v = v & _M32
+    return (v - ((v >> 31) << 32)).to(torch.int32)
 
 
 def _hash_dropout(x: torch.Tensor, seed: torch.Tensor, p: float, site: int = 0) -> torch.Tensor:
     """Dropout of `x` at rate `p`, its mask a hash of (`seed`, `site`, the element's position): a pure function,
-    so a compiler fuses it into the neighbouring element-wise work and rebuilds it in the backward from the seed."""
-    i = torch.arange(x.numel(), device=x.device).view(x.shape)
-    h = _mix32(_mix32((i & _M32) ^ (i >> 32)) ^ ((seed + site * 0x9E3779B9) & _M32))
-    keep = h >= int(p * 2**32)
-    return torch.where(keep, x.float() * (1 / (1 - p)), 0).to(x.dtype)
+    so a compiler fuses it into the neighbouring element-wise work and rebuilds it in the backward from the seed.
+    The mask keeps position i where mix(mix(i) ^ (seed + site * golden ratio)) >= p * 2^32, as uint32."""
+    return _dropped(x, seed, int(p * 2**32) + _I32_MIN, 1 / (1 - p), site)
+
+
+def _dropped(x: torch.Tensor, seed: torch.Tensor, keep_from: int, scale: float, site: int) -> torch.Tensor:
+    """_hash_dropout with its threshold (as int32: the uint32 one minus 2^31) worked out by the caller: compiled
+    with dynamic shapes, torch.compile (2.13) took int() of a float argument once and kept it for other rates."""
+    n = x.numel()
+    if n < 2**31:
+        i = torch.arange(n, device=x.device, dtype=torch.int32)
+    else:  # fold the high bits in
+        i = torch.arange(n, device=x.device)
+        i = _low32(i ^ (i >> 32))
+    h = _mix32(_mix32(i.view(x.shape)) ^ _low32(seed + site * 0x9E3779B9))
+    keep = (h ^ _I32_MIN) >= keep_from  # flipping the sign bit orders int32 as uint32
+    return torch.where(keep, x.float() * scale, 0).to(x.dtype)
 
 
 def hash_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None, site: int = 0) -> torch.Tensor:
@@ -349,8 +373,9 @@ def hash_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None, si
         seed = torch.randint(1 << 31, (1,), device=x.device)
     # Outside a compiled layer on CUDA (a tiled MLP, or a layer the compiler could not take): compiled on its
     # own, one kernel instead of ~15.
-    fn = _hash_dropout if torch.compiler.is_compiling() or not x.is_cuda else _compiled_dynamic(_hash_dropout)
-    return fn(x, seed, p, site)
+    if torch.compiler.is_compiling() or not x.is_cuda:
+        return _hash_dropout(x, seed, p, site)
+    return _compiled_dynamic(_dropped)(x, seed, int(p * 2**32) + _I32_MIN, 1 / (1 - p), site)
 
 
 def fast_lora(module: torch.nn.Module, seed: torch.Tensor | None = None) -> int:
@@ -574,3 +599,50 @@ def _adamw8bit_class() -> type:
             return loss
 
     return AdamW8bit
+
+
+def host_embedding(model: torch.nn.Module) -> int:
+    """Move `model`'s input embedding to pinned CPU memory that the GPU reads in place (in place; returns the
+    bytes of GPU memory freed), if it is on a GPU, frozen and not the output head's weight too.
+
+    Only the rows of a batch's tokens are read, over PCIe, by the embedding's own gather kernel: 2,048 tokens of
+    phi-4 are 20 MB (about 1 ms), against the 1 GB its 100k x 5,120 bf16 table holds on the GPU. Tied embeddings
+    (Phi-4-mini's) stay: the head reads the whole table every step. The table stays a CUDA tensor to torch (a
+    view of the pinned memory through CUDA's unified addressing), so the model runs unchanged; the pinned
+    memory is freed with the model.
+    """
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    w = getattr(emb, "weight", None)
+    if (not isinstance(emb, torch.nn.Embedding) or w is None or not w.is_cuda or w.requires_grad
+            or (head is not None and getattr(head, "weight", None) is w) or w.element_size() not in (2, 4)):
+        return 0
+    host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+    host.copy_(w.detach())
+    view = _device_view(host, w.device)
+    if view is None:
+        return 0
+    emb.weight = torch.nn.Parameter(view, requires_grad=False)
+    return host.numel() * host.element_size()
+
+
+class _HostArray:
+    """A pinned CPU tensor presented to torch.as_tensor as CUDA memory (the CUDA array interface): with unified
+    addressing, pinned memory has the same address on the GPU. Holds the tensor for as long as the view lives."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+        self.__cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": f"<i{t.element_size()}",
+                                         "data": (t.data_ptr(), False), "version": 3, "strides": None}
+
+
+def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """`host` (pinned, contiguous) as a tensor on `device` over the same memory, or None where CUDA will not map it."""
+    as_int = host.view(torch.int16 if host.element_size() == 2 else torch.int32)
+    try:
+        view = torch.as_tensor(_HostArray(as_int), device=device).view(host.dtype)
+    except (RuntimeError, TypeError, ValueError) as e:
+        import logging
+
+        logging.getLogger("phikit").warning("the input embedding stays on the GPU: CUDA does not map pinned memory here (%s)", e)
+        return None
+    return view

@@ -90,9 +90,12 @@ def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str, process
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, lcfg)
     if offload:
-        from .fast import offload_checkpointing
+        from .fast import host_embedding, offload_checkpointing
 
         offload_checkpointing(layers, compile=cfg.compile if cfg.compile is not None else cuda)
+        freed = host_embedding(model)  # an untied frozen input embedding goes to CPU memory with the activations
+        if freed:
+            log.info("input embedding in pinned CPU memory: %.2f GB of GPU memory freed", freed / 1e9)
     elif cfg.compile:
         log.warning("--compile applies to the offloaded-activation path only (on with checkpointing on CUDA, one process); not compiling")
     model.train()
@@ -147,6 +150,11 @@ def _lm_loss(model, ids, att, lab, autocast):
     model's compute, and the prompt's logits would be thrown away anyway. A
     frozen head (LoRA's case) runs in chunks with its gradient taken on the way
     (fast.linear_cross_entropy), so the logits never exist whole.
+
+    `lab` may stay in CPU memory while the model runs on the GPU (the loop's
+    case): the label positions are then found on the host. Found on the GPU, the
+    number of positions is a value the host must wait for, which would drain the
+    GPU's queue of work in the middle of every step.
     """
     import torch.nn.functional as F
     from torch import nn
@@ -158,12 +166,27 @@ def _lm_loss(model, ids, att, lab, autocast):
         hidden = base.base_model(input_ids=ids, attention_mask=att).last_hidden_state
         target = lab[:, 1:]
         keep = target != IGNORE
+        if lab.device == hidden.device:
+            h, target = hidden[:, :-1][keep], target[keep]
+        else:
+            b, t = keep.nonzero(as_tuple=True)
+            rows, target = _to_device(hidden.device, b * lab.shape[1] + t, target[keep])
+            h = hidden.flatten(0, 1).index_select(0, rows)
         head = base.get_output_embeddings()
-        h = hidden[:, :-1][keep]
         if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
-            return linear_cross_entropy(h, head.weight, target[keep])
+            return linear_cross_entropy(h, head.weight, target)
         logits = head(h)
-    return F.cross_entropy(logits.float(), target[keep], reduction="sum")
+    return F.cross_entropy(logits.float(), target, reduction="sum")
+
+
+def _to_device(device, *tensors):
+    """`tensors` on `device`; to a GPU from pinned memory, so the copies queue behind the GPU's work instead
+    of waiting for it (torch's blocking copy synchronises the stream)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
 class _Readback:
@@ -384,7 +407,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
                 ids, att, lab = collate(chunk, pad_id)
                 if real:
                     n_tok += int(att.sum())
-                ids, att, lab = ids.to(device), att.to(device), lab.to(device)
+                # The labels stay on the host for _lm_loss, but for DDP / FSDP, whose wrappers take device tensors.
+                ids, att = _to_device(device, ids, att)
+                if dist.ddp:
+                    (lab,) = _to_device(device, lab)
                 with dist.no_sync(fwd, accumulate=k < len(mine) - 1):
                     loss = fwd(ids, att, lab) / max(n_lab, 1)
                     dist.backward(loss, has_data=real)

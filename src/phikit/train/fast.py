@@ -323,8 +323,7 @@ _I32_MIN = -(1 << 31)
 def _mix32(h: torch.Tensor) -> torch.Tensor:
     """Thomas Mueller's 32-bit integer hash (a bijection on [0, 2^32)) on int32 tensors holding the uint32 bit
     patterns: int32 multiplies wrap as uint32 ones do, and the masked arithmetic shift is the logical one.
-    In int32 because the GPU's int64 multiplies are several instructions each: in int64 the hash made the
-    dropout kernels compute-bound (H100)."""
+    In int32 because the GPU emulates each int64 multiply with several 32-bit instructions."""
     h = (((h >> 16) & 0xFFFF) ^ h) * 0x45D9F3B
     h = (((h >> 16) & 0xFFFF) ^ h) * 0x45D9F3B
     return ((h >> 16) & 0xFFFF) ^ h

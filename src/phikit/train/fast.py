@@ -339,7 +339,12 @@ def _hash_dropout(x: torch.Tensor, seed: torch.Tensor, p: float, site: int = 0) 
     """Dropout of `x` at rate `p`, its mask a hash of (`seed`, `site`, the element's position): a pure function,
     so a compiler fuses it into the neighbouring element-wise work and rebuilds it in the backward from the seed.
     The mask keeps position i where mix(mix(i) ^ (seed + site * golden ratio)) >= p * 2^32, as uint32."""
-    return _dropped(x, seed, int(p * 2**32) + _I32_MIN, 1 / (1 - p), site)
+    return _dropped(x, seed, *_rate(p), site)
+
+
+def _rate(p: float) -> tuple[int, float]:
+    """_dropped's (keep_from, scale) for dropout rate `p`."""
+    return int(p * 2**32) + _I32_MIN, 1 / (1 - p)
 
 
 def _dropped(x: torch.Tensor, seed: torch.Tensor, keep_from: int, scale: float, site: int) -> torch.Tensor:
@@ -374,7 +379,7 @@ def hash_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None, si
     # own, one kernel instead of ~15.
     if torch.compiler.is_compiling() or not x.is_cuda:
         return _hash_dropout(x, seed, p, site)
-    return _compiled_dynamic(_dropped)(x, seed, int(p * 2**32) + _I32_MIN, 1 / (1 - p), site)
+    return _compiled_dynamic(_dropped)(x, seed, *_rate(p), site)
 
 
 def fast_lora(module: torch.nn.Module, seed: torch.Tensor | None = None) -> int:

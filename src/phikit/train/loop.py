@@ -189,6 +189,15 @@ def _to_device(device, *tensors):
     return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
+def _on_device(device, ids, att, lab, labels: bool):
+    """A batch for the loss: ids and mask on `device`; the labels too where `labels` (the loss runs inside a
+    DDP / FSDP wrapper, which takes device tensors), else left on the host, for _lm_loss."""
+    ids, att = _to_device(device, ids, att)
+    if labels:
+        (lab,) = _to_device(device, lab)
+    return ids, att, lab
+
+
 class _Readback:
     """Each step's loss, read on the host one step late.
 
@@ -240,7 +249,7 @@ def evaluate_loss(model, items, cfg: TrainConfig, pad_id: int, device: str, auto
     with torch.no_grad():
         for b, real in work:
             chunk = [items[i] for i in b]
-            ids, att, lab = (t.to(device) for t in collate(chunk, pad_id))
+            ids, att, lab = _on_device(device, *collate(chunk, pad_id), labels=dist.fsdp)  # FSDP wraps the loss
             loss = fwd(ids, att, lab) if dist.fsdp else _lm_loss(model, ids, att, lab, autocast)
             if real:
                 total += float(loss)
@@ -407,10 +416,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
                 ids, att, lab = collate(chunk, pad_id)
                 if real:
                     n_tok += int(att.sum())
-                # The labels stay on the host for _lm_loss, but for DDP / FSDP, whose wrappers take device tensors.
-                ids, att = _to_device(device, ids, att)
-                if dist.ddp:
-                    (lab,) = _to_device(device, lab)
+                ids, att, lab = _on_device(device, ids, att, lab, labels=dist.ddp)  # DDP / FSDP wrap the loss
                 with dist.no_sync(fwd, accumulate=k < len(mine) - 1):
                     loss = fwd(ids, att, lab) / max(n_lab, 1)
                     dist.backward(loss, has_data=real)

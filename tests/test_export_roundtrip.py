@@ -303,3 +303,20 @@ def test_embedded_default_gguf_round_trip(embedded_gguf, tmp_path):
         assert rel_rms(q8, ref) < 2 * rel_rms(original, ref)
         assert (q8.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
         assert q4[-1].argmax() == ref[-1].argmax()
+
+
+def test_next_export_removes_what_a_killed_export_left(tiny_dirs, tmp_path):
+    import subprocess
+
+    from phikit.export import export
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that is no longer running
+    left = [tmp_path / f".m.gguf.partial-{dead.pid}", tmp_path / f".m.gguf.partial-{dead.pid}.f16"]
+    for p in left:
+        p.write_bytes(b"x" * 1000)
+    live = tmp_path / f".other.gguf.partial-{__import__('os').getpid()}"  # an export still running: kept
+    live.write_bytes(b"y")
+    r = export(str(tiny_dirs["phi3"]), format="gguf", out=tmp_path / "m.gguf")
+    assert not any(p.exists() for p in left) and live.exists()
+    assert sum("left by an interrupted export" in n for n in r.notes) == 2

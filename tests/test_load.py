@@ -105,3 +105,18 @@ def test_registry_phi_models_use_the_fused_lora_targets():
     for name in ("phi-3-mini-4k", "phi-3.5-mini", "phi-4-mini", "phi-4"):
         assert REGISTRY[name].lora_targets == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
         assert REGISTRY[name].hub_id.startswith("microsoft/")
+
+
+def test_missing_or_unfinished_adapter_is_refused_before_the_model_loads(tiny_dirs, tmp_path, monkeypatch):
+    import phikit
+    import phikit.models.loading as loading
+    from phikit.errors import ModelFilesError
+
+    monkeypatch.setattr(loading, "load_hf", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ModelFilesError, match="adapter directory .*missing not found"):
+        phikit.load(str(tiny_dirs["chatml"]), adapter=str(tmp_path / "missing"))
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelFilesError, match="no adapter weights.*--resume"):
+        phikit.load(str(tiny_dirs["chatml"]), adapter=str(unfinished))

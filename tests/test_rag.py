@@ -107,10 +107,87 @@ def test_walk_recurses_skips_hidden_and_reports_unsupported(tmp_path):
     (tmp_path / ".git").mkdir()
     for p in ["a.txt", "sub/b.md", "sub/deep/c.HTML", ".git/d.txt", "sub/e.docx"]:
         (tmp_path / p).write_text("x")
-    (tmp_path / "f.csv").write_text("x")
-    files, bad = walk([tmp_path, tmp_path / "f.csv", tmp_path / "missing.txt"])
+    files, bad = walk([tmp_path, tmp_path / "a.txt"])
     assert sorted(f.relative_to(tmp_path).as_posix() for f in files) == ["a.txt", "sub/b.md", "sub/deep/c.HTML"]
-    assert [Path(p).name for p, _ in bad] == ["f.csv", "missing.txt"]
+    assert [(Path(p).relative_to(tmp_path).as_posix(), why) for p, why in bad] == [
+        ("sub/e.docx", "unsupported file type .docx (supported: .htm, .html, .markdown, .md, .pdf, .txt)")]
+
+
+def odd_folder(root: Path) -> Path:
+    """A folder with one good file and one of each entry that cannot be indexed."""
+    d = root / "odd"
+    (d / "sub").mkdir(parents=True)
+    (d / "good.txt").write_text("The Rhine flows into the North Sea.")
+    (d / "sub" / "also.md").write_text("Lakes are wide.")
+    (d / "photo.png").write_bytes(b"\x89PNG")
+    os.symlink("loop.txt", d / "loop.txt")  # points at itself
+    os.symlink("gone.txt", d / "dangling.txt")
+    os.mkfifo(d / "pipe.txt")
+    os.symlink("sub", d / "sublink")
+    return d
+
+
+ODD_REASONS = {
+    "dangling.txt": "dangling symbolic link: its target 'gone.txt' does not exist",
+    "loop.txt": "symbolic link loop",
+    "photo.png": "unsupported file type .png (supported: .htm, .html, .markdown, .md, .pdf, .txt)",
+    "pipe.txt": "not a regular file: it is a FIFO",
+    "sublink": "symbolic link to a folder, not followed",
+}
+
+
+def assert_odd_reasons(skipped, folder: Path) -> None:
+    got = {Path(p).name: why for p, why in skipped}
+    assert sorted(got) == sorted(ODD_REASONS), got
+    for name, why in ODD_REASONS.items():
+        assert got[name].startswith(why), (name, got[name])
+    assert all(Path(p).parent in (folder, folder.resolve()) for p, _ in skipped)
+
+
+@pytest.mark.timeout(30)  # opening the FIFO for reading would block forever
+def test_walk_lists_links_fifos_and_unsupported_files_inside_a_folder(tmp_path):
+    d = odd_folder(tmp_path)
+    files, bad = walk([d])
+    assert [f.relative_to(d).as_posix() for f in files] == ["good.txt", "sub/also.md"]
+    assert_odd_reasons(bad, d)
+
+
+@pytest.mark.timeout(30)
+def test_paths_passed_directly_that_cannot_be_read_are_clear_errors(tmp_path):
+    from phikit.errors import DataError, PhikitError
+
+    d = odd_folder(tmp_path)
+    cases = {
+        "loop.txt": r"symbolic link loop.*fix or remove the link",
+        "dangling.txt": r"dangling symbolic link: its target 'gone.txt' does not exist",
+        "pipe.txt": r"not a regular file: it is a FIFO.*save its content to a \.txt file",
+        "photo.png": r"unsupported file type \.png \(supported: \.htm, \.html, \.markdown, \.md, \.pdf, \.txt\)",
+        "missing.txt": r"no such file or folder.*phikit rag rm",
+    }
+    for name, pattern in cases.items():
+        with pytest.raises(DataError, match=pattern) as e:
+            walk([d, d / name])
+        assert isinstance(e.value, PhikitError) and "Nothing was indexed" in str(e.value)
+        assert "no such file" not in str(e.value) or name == "missing.txt", str(e.value)
+    with pytest.raises(DataError, match=r"symbolic link loop") as e:  # a loop inside the path, too
+        walk([d / "loop.txt" / "x.txt"])
+    with pytest.raises(DataError) as e:  # several bad arguments: all of them, in one message
+        walk([d / "loop.txt", d / "good.txt", d / "pipe.txt"])
+    assert "loop.txt: symbolic link loop" in str(e.value) and "pipe.txt: not a regular file" in str(e.value)
+
+
+@pytest.mark.timeout(30)
+def test_reading_never_blocks_on_a_fifo(tmp_path):
+    from phikit.rag.readers import read_bytes
+
+    os.mkfifo(tmp_path / "p.txt")  # e.g. a file replaced by a FIFO after the folder was walked
+    with pytest.raises(Unreadable, match="not a regular file: it is a FIFO"):
+        read_bytes(tmp_path / "p.txt")
+    with pytest.raises(Unreadable, match="not a regular file"):
+        read_file(tmp_path / "p.txt")
+    (tmp_path / "f.png").write_text("x")
+    with pytest.raises(Unreadable, match=r"unsupported file type \.png \(supported: .*\.txt\)"):
+        read_file(tmp_path / "f.png")
 
 
 # BM25 and fusion ------------------------------------------------------------------
@@ -257,3 +334,72 @@ def test_phikit_exports_rag_lazily_and_bm25_only_needs_no_embedder(tmp_path):
     assert rag.gate(rag.retrieve("zebra", k=1))  # nothing shares a word: abstain without a model
     with pytest.raises(Exception, match="unknown retrieval mode"):
         rag.retrieve("x", mode="sparse")
+
+
+# ingest summary: skipped entries and bad arguments (a stand-in embedder, no model) --------
+
+from phikit.rag.embed import Embedder  # noqa: E402
+
+
+class FakeEmbedder(Embedder):
+    def __init__(self, name=None, device=None):
+        self.name, self.dim = "test-embedder", DIM
+
+    def encode(self, texts, batch_size=64):
+        return np.stack([vec(t) for t in texts]) if texts else np.zeros((0, DIM), dtype="float32")
+
+
+@pytest.mark.timeout(60)
+def test_index_summary_gives_every_skipped_path_its_reason_and_bad_arguments_change_nothing(tmp_path):
+    from phikit.errors import DataError
+    from phikit.rag import index_paths
+
+    d = odd_folder(tmp_path)
+    store = new_store(tmp_path / "st")
+    s = index_paths(store, [d], FakeEmbedder(), progress=False)
+    assert sorted(Path(p).name for p in s.added) == ["also.md", "good.txt"]
+    assert_odd_reasons(s.skipped, d)
+    assert {Path(x["path"]).name: x["reason"] for x in s.to_dict()["skipped"]} == {Path(p).name: r for p, r in s.skipped}
+    before = ([(x.source, x.sha256) for x in store.documents()], store.count(), store.generation)
+    for bad in (d / "loop.txt", d / "pipe.txt", d / "photo.png", d / "dangling.txt"):
+        with pytest.raises(DataError):
+            index_paths(store, [d / "good.txt", bad], FakeEmbedder(), progress=False)
+    assert ([(x.source, x.sha256) for x in store.documents()], store.count(), store.generation) == before
+    fresh = LocalStore(tmp_path / "st2", create=True)
+    with pytest.raises(DataError, match="symbolic link loop"):
+        index_paths(fresh, [d / "loop.txt"], FakeEmbedder(), progress=False)
+    assert fresh.meta is None and fresh.documents() == []  # not even the embedder was recorded
+    # A file indexed before and now a FIFO loses its chunks, and says why.
+    (d / "good.txt").unlink()
+    os.mkfifo(d / "good.txt")
+    s = index_paths(store, [d], FakeEmbedder(), progress=False)
+    assert [Path(p).name for p in s.removed] == ["good.txt"]
+    assert dict((Path(p).name, r) for p, r in s.skipped)["good.txt"].startswith("not a regular file: it is a FIFO")
+    assert [Path(x.source).name for x in store.documents()] == ["also.md"]
+
+
+@pytest.mark.timeout(60)
+def test_cli_index_prints_each_skipped_path_and_fails_clearly_on_a_bad_argument(tmp_path, monkeypatch, capsys):
+    import json
+
+    import phikit.rag.index
+    from phikit.cli.main import main
+
+    monkeypatch.setattr(phikit.rag.index, "Embedder", FakeEmbedder)
+    d = odd_folder(tmp_path)
+    st = str(tmp_path / "st")
+    assert main(["rag", "index", str(d), "--store", st, "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 added, 0 updated, 0 unchanged, 0 removed, 5 skipped;")
+    for name, why in ODD_REASONS.items():
+        assert f"warning: skipped {d / name}: {why}" in out, (name, out)
+    assert main(["rag", "index", str(d), "--store", st, "-q", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {Path(x["path"]).name for x in summary["skipped"]} == set(ODD_REASONS) and len(summary["unchanged"]) == 2
+    assert main(["rag", "index", str(d / "pipe.txt"), "--store", st, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot index" in err and "not a regular file: it is a FIFO" in err and "no such file" not in err
+    assert main(["rag", "index", str(d / "loop.txt"), "--store", str(tmp_path / "new"), "-q"]) == 2
+    assert "symbolic link loop" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # no half-made store
+    assert sorted(Path(x.source).name for x in LocalStore(st).documents()) == ["also.md", "good.txt"]

@@ -67,3 +67,15 @@ def test_cli_rejects_schema_with_tools_or_reason(tmp_path, capsys):
     f.write_text(json.dumps(PERSON))
     assert main(["ask", "--json-schema", str(f), "--reason", "hi"]) == 2
     assert "cannot be combined" in capsys.readouterr().err
+
+
+def test_ask_from_stdin_that_is_not_utf8_is_a_clear_error(monkeypatch, capsys):
+    import io
+    import sys
+
+    from phikit.cli.main import main
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"fine line\ncaf\xe9\n"), encoding="utf-8"))
+    assert main(["ask", "-"]) == 2
+    err = capsys.readouterr().err
+    assert "standard input:2: not valid UTF-8" in err and "Traceback" not in err

@@ -118,3 +118,33 @@ def test_qlora_run_on_cuda_takes_the_fast_path_and_resumes(tiny_dirs, facts_file
     monkeypatch.setenv("PHIKIT_FAST_DECODE", "0")  # the decode path's compile is tested elsewhere; this checks the adapter
     tuned = phikit.load(str(tiny_dirs["phi4-mini"]), backend="transformers", device="cuda", adapter=str(out))
     assert tuned.generate("Hi", max_tokens=4, temperature=0).text is not None
+
+
+def test_reported_eval_loss_is_of_the_final_weights(trained):
+    out, summary = trained
+    meta = json.loads((out / "phikit.json").read_text())
+    evals = [r for r in (json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()) if "eval_loss" in r and "step" in r]
+    assert meta["eval_step"] == meta["steps"] == 4 and evals[-1]["step"] == 4
+    assert summary["eval_loss"] == evals[-1]["eval_loss"]
+
+
+@pytest.mark.parametrize("flag, value, says", [("limit", -1, "--limit"), ("limit", 0, "--limit"),
+                                                ("max_steps", 0, "--max-steps"), ("epochs", 0, "--epochs")])
+def test_out_of_range_settings_are_refused(tiny_dirs, facts_file, tmp_path, flag, value, says):
+    with pytest.raises(PhikitError, match=says):
+        _cfg(tiny_dirs["chatml"], facts_file, tmp_path / "o", **{flag: value, **({"max_steps": None} if flag == "epochs" else {})})
+
+
+def test_data_with_nothing_to_learn_and_bad_utf8_fail_before_the_model_load(tiny_dirs, tmp_path, monkeypatch):
+    import phikit
+
+    monkeypatch.setattr(phikit, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n' * 6)
+    with pytest.raises(PhikitError, match="no example has any trainable token"):
+        train(_cfg(tiny_dirs["chatml"], empty, tmp_path / "a"))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"question": "q", "answer": "a"}\n{"question": "caf\xe9", "answer": "b"}\n')
+    with pytest.raises(PhikitError, match=r"latin\.jsonl:2: not valid UTF-8.*iconv"):
+        train(_cfg(tiny_dirs["chatml"], latin, tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

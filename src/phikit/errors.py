@@ -57,3 +57,16 @@ def require(module: str, pip_name: str | None = None, why: str = ""):
             f"{why + ': ' if why else ''}the Python package '{pip_name or module}' is not installed "
             f"({e}). Install it with: {hint}"
         ) from e
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """`data` decoded as UTF-8, or DataError naming `where`, the line and the byte offset of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{where}:{line}: not valid UTF-8 (byte {data[e.start:e.start + 1]!r} at offset {e.start}, column {col} "
+            "of that line): save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or fix or remove that line"
+        ) from None

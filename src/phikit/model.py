@@ -137,6 +137,10 @@ def load(
     spec = resolve(model)
     if not (spec.gguf_file or spec.path or spec.hub_id):
         raise PhikitError(f"{spec.name}: its weights are not installed; run the setup command in the README")
+    if adapter:  # a missing or broken adapter is refused before the (slow) model load
+        from .models.adapters import check_adapter_base
+
+        check_adapter_base(adapter, spec)
     which = _pick_backend(spec, backend, quant, device, adapter)
     if which == "llamacpp":
         if device == "cuda":

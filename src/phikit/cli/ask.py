@@ -8,6 +8,7 @@ tools (calls are shown on stderr, or listed as `tool_calls` in --json output);
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -30,12 +31,22 @@ def add_arguments(p) -> None:
     add_sampling_args(p)
 
 
+def read_stdin() -> str:
+    """Standard input as text (UTF-8); DataError naming the line and byte offset of the first byte that is not."""
+    from ..errors import decode_utf8
+
+    buf = getattr(sys.stdin, "buffer", None)
+    if buf is None:  # a text stream without bytes under it (already decoded)
+        return sys.stdin.read()
+    return io.StringIO(decode_utf8(buf.read(), "standard input"), newline=None).read()  # newlines as sys.stdin reads them
+
+
 def run(args) -> int:
     from ..chat import DEFAULT_MAX_ROUNDS, ToolEvent, collect, finish, load_schema, stream_ask
     from ..engine.types import join
     from ..tools import get_tools
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     schema = load_schema(args.json_schema) if args.json_schema else None
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
     tools = get_tools(names, args.tools_file) if (names or args.tools_file) else None  # errors before loading a model

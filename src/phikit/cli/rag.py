@@ -53,7 +53,9 @@ def _question(args) -> str:
 
 def _index(args) -> int:
     from ..rag import index_paths, open_store
+    from ..rag.readers import check_paths
 
+    check_paths(args.paths)  # a bad PATH fails before a new store folder is created
     store = open_store(args.store, create=True)
     s = index_paths(store, args.paths, args.embedder, progress=not args.quiet, chunk_size=args.chunk_size, overlap=args.overlap)
     if args.json:

@@ -5,7 +5,8 @@
 Every format starts from the same merge (merge.py: fp32, on the CPU, tokenizer
 fixed, chat template generated from the chat format) and writes beside the
 target, renaming at the end (files.py), so an existing output is only
-replaced with --force and an interrupted export leaves nothing under OUT.
+replaced with --force and an interrupted export leaves nothing under OUT; what
+it left beside OUT (`.NAME.partial-PID`) the next export to that folder removes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import PhikitError
-from .files import atomic_path, check_out, size_of
+from .files import atomic_path, check_out, remove_stale_partials, size_of
 
 if TYPE_CHECKING:
     from .gptq import GPTQSettings
@@ -63,6 +64,7 @@ def export(
         raise PhikitError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     out = Path(out).expanduser()
     check_out(out, force)  # fail before the slow load
+    cleaned = remove_stale_partials(out.parent)  # what killed exports left in the folder: disk space for this one
     if format in ("gguf", "ollama"):
         from .gguf_file import QUANTS
 
@@ -103,4 +105,4 @@ def export(
             name = f"{m.spec.name}-{quant}.gguf"
             write_gguf(m, tmp / name, quant)
             (tmp / "Modelfile").write_text(modelfile(m.fmt, name, system))
-    return ExportResult(format, str(out), size_of(out), round(time.perf_counter() - t0, 3), quant, m.notes)
+    return ExportResult(format, str(out), size_of(out), round(time.perf_counter() - t0, 3), quant, cleaned + m.notes)

@@ -1,15 +1,24 @@
 """Writing outputs so that nothing the user had is lost and no partial file is left
-under the final name: build beside the target under a temporary name, rename at the end."""
+under the final name: build beside the target under a temporary name, rename at the end.
+
+The temporary name is `.NAME.partial-PID` (and `.NAME.partial-PID.SUFFIX` for a writer's own
+scratch file beside it: the GGUF K-quant path's `.f16`, GPTQ's `.autoround` folder). A killed
+export leaves them behind; the next export to the same folder removes those whose process is
+gone (`remove_stale_partials`)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import PhikitError
+
+log = logging.getLogger("phikit")
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -21,6 +30,42 @@ def check_out(out: Path, force: bool) -> None:
 
 def _temp_beside(out: Path) -> Path:
     return out.parent / f".{out.name}.partial-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):  # another user's process (or a PID we cannot ask about): keep
+        return True
+    return True
+
+
+PARTIAL = re.compile(r"\.(.+)\.partial-(\d+)(\.[\w-]+)?")
+
+
+def remove_stale_partials(folder: Path) -> list[str]:
+    """Remove what killed exports left in `folder`: each `.NAME.partial-PID[.SUFFIX]` of a process that is no longer
+    running. Returns one note per removal, each also logged as a warning. A live export's files are kept."""
+    if not folder.is_dir():
+        return []
+    notes = []
+    for p in sorted(folder.iterdir()):
+        m = PARTIAL.fullmatch(p.name)
+        if not m or _alive(int(m[2])):
+            continue
+        try:
+            size = size_of(p)
+            _remove(p)
+        except OSError as e:
+            notes.append(f"could not remove {p}, left by an interrupted export (process {m[2]}): {e}")
+        else:
+            notes.append(f"removed {p} ({size / 1e6:.1f} MB), left by an interrupted export of {m[1]} (process {m[2]}, no longer running)")
+        log.warning("%s", notes[-1])
+    return notes
 
 
 def _remove(p: Path) -> None:

@@ -9,17 +9,43 @@ from ..errors import ModelFilesError, PhikitError, require
 from .registry import ModelSpec
 
 
-def adapter_base(adapter_dir: str) -> str | None:
-    """The base model an adapter was trained on, as recorded in its adapter_config.json."""
-    cfg = Path(adapter_dir) / "adapter_config.json"
-    if not cfg.is_file():
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFilesError(f"{path} cannot be read as JSON ({e}): the adapter is damaged; train it again or use another --adapter") from None
+    if not isinstance(obj, dict):
+        raise ModelFilesError(f"{path} is not a JSON object: the adapter is damaged; train it again or use another --adapter")
+    return obj
+
+
+def check_adapter_dir(adapter_dir: str) -> None:
+    """Refuse, without loading anything, a path that is not a LoRA adapter directory (PEFT's files)."""
+    d = Path(adapter_dir).expanduser()
+    if not d.is_dir():
+        raise ModelFilesError(f"adapter directory {adapter_dir} not found"
+                              + (" (it is a file)" if d.exists() else "")
+                              + ": pass the --out folder of a `phikit train` run (a PEFT adapter directory)")
+    if not (d / "adapter_config.json").is_file():
         raise ModelFilesError(f"{adapter_dir} has no adapter_config.json: it is not a LoRA adapter directory")
-    meta = Path(adapter_dir) / "phikit.json"
+    if not any((d / w).is_file() for w in WEIGHTS):
+        raise ModelFilesError(f"{adapter_dir} has no adapter weights ({' or '.join(WEIGHTS)}): its training did not "
+                              "finish; rerun it with --resume, or use another --adapter")
+
+
+def adapter_base(adapter_dir: str) -> str | None:
+    """The base model an adapter was trained on, as recorded in its phikit.json or adapter_config.json."""
+    check_adapter_dir(adapter_dir)
+    d = Path(adapter_dir).expanduser()
+    meta = d / "phikit.json"
     if meta.is_file():
-        base = json.loads(meta.read_text()).get("base_model")
+        base = _read_json(meta).get("base_model")
         if base:
             return base
-    return json.loads(cfg.read_text()).get("base_model_name_or_path")
+    return _read_json(d / "adapter_config.json").get("base_model_name_or_path")
 
 
 def check_adapter_base(adapter_dir: str, spec: ModelSpec) -> None:

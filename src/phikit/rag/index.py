@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .chunk import chunk_text
 from .embed import Embedder
-from .readers import Unreadable, read_file, walk
+from .readers import Unreadable, read_bytes, read_file, walk
 from .store import Meta, NewDoc, StoreError, check_meta
 
 log = logging.getLogger("phikit.rag")
@@ -120,27 +120,31 @@ def _queue(s: Summary, todo: list, meta, src: str, kind: str, digest: str, text:
 
 def index_paths(store, paths: list[str | Path], embedder: Embedder | str | None = None, progress: bool = True,
                 chunk_size: int | None = None, overlap: int | None = None) -> Summary:
-    """Index the files under `paths` into `store`; returns what was added, updated, removed and skipped."""
+    """Index the files under `paths` into `store`; returns what was added, updated, removed and skipped.
+
+    Entries inside a folder that cannot be indexed (links that loop or dangle, FIFOs, sockets, devices,
+    unsupported types, unreadable files) are listed in `Summary.skipped` with the reason. A path given
+    directly that is neither a folder nor an indexable file raises DataError before the store is touched."""
     t0 = time.perf_counter()
+    s = Summary()
+    files, s.skipped = walk(paths)  # first: a bad argument must fail before anything is written
     emb = prepare(store, embedder, chunk_size, overlap)
     meta = store.meta
-    s = Summary()
-    files, s.skipped = walk(paths)
     known = {d.source: d for d in store.documents()}
     todo = []
     for f in files:
         src = str(f)
         try:
-            data = f.read_bytes()
-        except OSError as e:
-            s.skipped.append((src, f"cannot read ({e.strerror or e})"))
+            data = read_bytes(f)
+        except Unreadable as e:
+            s.skipped.append((src, str(e)))
             continue
         digest = sha256(data)
         if src in known and known[src].sha256 == digest:
             s.unchanged.append(src)
             continue
         try:
-            text, notes = read_file(f)
+            text, notes = read_file(f, data)
         except Unreadable as e:
             s.skipped.append((src, str(e)))
             continue

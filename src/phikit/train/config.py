@@ -72,7 +72,9 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"config file {path} not found")
-    text = p.read_text()
+    from ..errors import decode_utf8
+
+    text = decode_utf8(p.read_bytes(), str(p))
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml
@@ -96,8 +98,21 @@ def make_config(file: str | None = None, **overrides) -> TrainConfig:
     values = read_config_file(file) if file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**values)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """DataError for a setting out of its range (make_config and the training loop check)."""
     if cfg.micro_batch < 1 or cfg.grad_accum < 1:
         raise DataError("micro_batch and grad_accum must be at least 1")
     if not 0 <= cfg.val_split < 1:
         raise DataError("val_split must be in [0, 1)")
-    return cfg
+    if cfg.limit is not None and cfg.limit < 1:
+        raise DataError(f"limit (--limit) is {cfg.limit}: it must be at least 1 (the first N examples); "
+                        "leave it out to train on every example")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise DataError(f"max_steps (--max-steps) is {cfg.max_steps}: it must be at least 1, since 0 steps would train "
+                        "nothing; leave it out to train for --epochs")
+    if cfg.max_steps is None and not cfg.epochs > 0:
+        raise DataError(f"epochs (--epochs) is {cfg.epochs}: it must be more than 0 (or give --max-steps)")

@@ -9,12 +9,13 @@ prompt evaluation and RAG use, and unanswerable ones answer `grounding.ABSTAIN`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, decode_utf8
 from ..grounding import ABSTAIN, grounded_messages
 
 IGNORE = -100
@@ -71,8 +72,9 @@ def read_squad(path: Path, answerable_ratio: float | None = None, max_context_wo
     turns): the paragraph, most of an example's tokens, is then paid for once per
     several answers, which matters where compute is the limit (a CPU recipe).
     """
+    text = decode_utf8(path.read_bytes(), str(path))
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(text)
         articles = doc["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{path} is not a SQuAD 2.0 JSON file (need a top-level 'data' list): {e}") from None
@@ -137,9 +139,9 @@ def _parse_record(obj, where: str) -> Example:
 
 
 def read_jsonl(path: Path) -> list[Example]:
-    """Every line parsed up front: a malformed line raises DataError naming file and line."""
+    """Every line parsed up front: a malformed line (bad JSON, bad UTF-8, a bad record) raises DataError naming file and line."""
     out = []
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline=None) as f:  # newlines as open() reads them
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

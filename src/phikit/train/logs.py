@@ -1,10 +1,35 @@
-"""The run's log (`log.jsonl`, one JSON object per step or eval) and its loss curve (`loss.png`)."""
+"""The run's log (`log.jsonl`, one JSON object per step or eval) and its loss curve (`loss.png`).
+
+A run killed while appending leaves a torn last line: reading skips a line that is not a JSON
+object, and a resume drops it (with the lines after the checkpoint) in one atomic rewrite."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+
+from .checkpoint import write_text_atomic
+
+log = logging.getLogger("phikit")
+
+
+def _parse(lines: list[str], path: Path) -> list[tuple[str, dict]]:
+    """(line, its JSON object) for each line that holds one; any other line (a torn last line) is skipped, with a warning."""
+    out = []
+    for n, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append((ln, rec))
+        else:
+            log.warning("%s:%d: not a whole log record (a run killed while writing it?): skipped", path, n)
+    return out
 
 
 class TrainLog:
@@ -17,11 +42,14 @@ class TrainLog:
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
-            # Drop what the killed run logged after its last checkpoint: those steps are replayed.
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep))
+            # Drop what the killed run logged after its last checkpoint (those steps are replayed), and a torn line.
+            keep = [ln for ln, r in self._read() if r.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
         elif resume_step is None:
             self.path.write_text("")
+
+    def _read(self) -> list[tuple[str, dict]]:
+        return _parse(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), self.path)
 
     def write(self, **rec) -> None:
         if not self.enabled:
@@ -33,7 +61,7 @@ class TrainLog:
     def records(self) -> list[dict]:
         if not self.enabled:
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        return [r for _, r in self._read()]
 
     def last_loss(self) -> float | None:
         losses = [r["loss"] for r in self.records() if "loss" in r]

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from ..errors import DataError, PhikitError
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import fsync_dir, fsync_file, list_checkpoints, load_checkpoint, save_checkpoint, write_text_atomic
+from .config import TrainConfig, check_config
 from .data import IGNORE, Tokenised, batch_order, collate, file_hash, read_examples, resolve_data_path
 from .distributed import Dist, check_strategy
 from .logs import TrainLog
@@ -260,35 +260,46 @@ def evaluate_loss(model, items, cfg: TrainConfig, pad_id: int, device: str, auto
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def save_adapter(model, out: Path, meta: dict, weights: dict | None = None) -> None:
-    """The standard PEFT adapter files plus phikit.json, each moved into `out` only once written in full.
+    """The standard PEFT adapter files plus phikit.json, each moved into `out` only once written in full and
+    fsynced, so that no rename can leave an empty or short file under its name after a crash; phikit.json comes
+    last: an adapter folder without it (or with the previous run's) was not finished.
     `weights`: the trainable weights gathered in full from an FSDP-sharded model (its own are shards)."""
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=weights)
-    for f in tmp.iterdir():
+    files = sorted(tmp.iterdir(), key=lambda f: (not f.name.startswith("adapter_model"), f.name))  # the weights first
+    for f in files:
+        fsync_file(f)
+    fsync_dir(tmp)
+    for f in files:
         os.replace(f, out / f.name)
+    fsync_dir(out)
     tmp.rmdir()
     _write_json_atomic(out / "phikit.json", meta)
+
+
+_NOTHING_TO_TRAIN = "{path}: no example has any trainable token ({why}): give the records text, or assistant answers, to train on"
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[Path, list, list, list[Path]]:
     """Read and check all the data, and refuse to overwrite a run, before the (slow) model load, so a bad line fails fast:
     (data path, train examples, validation examples, checkpoints in cfg.out). Raises DataError / PhikitError."""
+    check_config(cfg)  # a TrainConfig made without make_config (the multi-process worker's)
     data_path = resolve_data_path(cfg.data)
     examples = read_examples(data_path, cfg.squad_answerable_ratio, cfg.squad_max_context_words, cfg.seed,
                              cfg.squad_questions_per_context)
-    if cfg.limit:
+    if cfg.limit is not None:
         examples = examples[: cfg.limit]
     check_strategy(cfg.strategy, cfg.quant)
     train_ex, val_ex = _split(examples, cfg)
     if not train_ex:
         raise DataError(f"{data_path}: no training examples left after the validation split")
+    if all(e.text == "" for e in train_ex):  # the tokenised check in train() catches the rest, after the model load
+        raise DataError(_NOTHING_TO_TRAIN.format(path=data_path, why="every record's 'text' is empty"))
     ckpts = list_checkpoints(Path(cfg.out))
     if ckpts and not cfg.resume:
         raise PhikitError(f"{cfg.out} already holds checkpoints of a run: pass --resume to continue it, or choose another --out")
@@ -345,6 +356,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     val_items = [x for x in map(enc.encode, val_ex) if x is not None]
     if not train_items:
         raise DataError(f"{data_path}: no example fits max_seq={cfg.max_seq} even with its context cut; raise --max-seq")
+    if not _count_labels(train_items):  # the loss would be 0.0 at every step, and nothing learnt
+        raise DataError(_NOTHING_TO_TRAIN.format(path=data_path, why="once tokenised, none has a token to predict"))
     if enc.truncated:
         log.warning("%d example(s) longer than max_seq=%d: context truncated (answers kept); %d dropped", enc.truncated, cfg.max_seq, enc.dropped)
 
@@ -365,7 +378,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     lengths = [len(i) for i, _ in train_items]
     n_micro = math.ceil(len(train_items) / cfg.micro_batch)
     steps_per_epoch = math.ceil(n_micro / (cfg.grad_accum * dist.world))  # global batch: micro x accum x processes
-    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
 
     if dist.is_main:
@@ -392,7 +405,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
 
         bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
     step, epoch, micro = state["step"], state["epoch"], state["micro"]
-    val_loss = None
+    val_loss, val_step = None, None  # the last eval, and the step it was run at
     readback = _Readback()
 
     def write_logs() -> None:
@@ -438,7 +451,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
             if micro >= len(batches):  # end of epoch: the checkpoint below then starts the next one
                 if cfg.eval_every_epoch and val_items:
                     write_logs()  # the step's line before the eval's
-                    val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist, fwd)
+                    val_loss, val_step = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist, fwd), step
                     tlog.write(step=step, epoch=epoch + 1, eval_loss=round(val_loss, 5))
                 epoch, micro = epoch + 1, 0
                 state.update(epoch=epoch, micro=micro)
@@ -457,9 +470,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     write_logs()
     if bar:
         bar.close()
-    if val_items and (val_loss is None or not cfg.eval_every_epoch):
-        val_loss = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist, fwd)
-        tlog.write(step=step, epoch=epoch, eval_loss=round(val_loss, 5))
+    if val_items and val_step != step:  # phikit.json reports the eval of the final weights, never an earlier one
+        val_loss, val_step = evaluate_loss(model, val_items, cfg, pad_id, device, autocast, dist, fwd), step
+        tlog.write(step=step, epoch=round(epoch + micro / max(n_micro, 1), 4), eval_loss=round(val_loss, 5))
 
     base_name = spec.name if spec.name in REGISTRY else spec.source
     summary = {
@@ -481,6 +494,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
         "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
         "final_train_loss": tlog.last_loss(),
         "eval_loss": None if val_loss is None else round(val_loss, 5),
+        "eval_step": val_step,  # always the final step: the eval_loss is of the weights saved here
     }
     full = dist.trainable_state(model, optimizer) if dist.fsdp else None  # gathered once, by every rank, for both writes
     if dist.is_main:

@@ -31,7 +31,7 @@ GSM8K_KEYS = ("accuracy", "total", "no_answer_rate", "latency_p50_s", "latency_p
 def sharded_squad(args, data: Path) -> dict:
     """Run S shard processes in parallel, then merge their results over the whole file."""
     from phikit.eval import squad
-    from phikit.eval.runner import merge_squad
+    from phikit.eval.squad import merge_squad
 
     dataset = squad.load_squad(data)
     qids = [q.qid for q in squad.questions(dataset, args.limit)]

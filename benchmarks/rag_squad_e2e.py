@@ -56,7 +56,7 @@ def main() -> None:
 
 def write_contexts(data: str, store: str, k: int, out: str) -> None:
     from phikit.eval import squad
-    from phikit.eval.runner import _retriever
+    from phikit.eval.squad import _retriever
 
     retrieve = _retriever("retrieved", store, k)
     articles, hits = {}, []

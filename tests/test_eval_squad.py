@@ -132,7 +132,7 @@ def test_load_squad_rejects_other_json(tmp_path):
 
 
 def test_merge_of_shards_scores_like_one_run(tmp_path):
-    from phikit.eval.runner import merge_squad, squad_metrics
+    from phikit.eval.squad import merge_squad, squad_metrics
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"version": "v2.0", "data": DATA}))

@@ -107,6 +107,17 @@ def test_registry_phi_models_use_the_fused_lora_targets():
         assert REGISTRY[name].hub_id.startswith("microsoft/")
 
 
+def test_make_params_never_changes_the_callers_params():
+    from phikit.engine.types import SamplingParams
+    from phikit.model import make_params
+
+    mine = SamplingParams(max_tokens=7, stop=["x"])
+    got = make_params(mine, temperature=0.0, max_tokens=3, seed=None)
+    assert (got.temperature, got.max_tokens, got.stop) == (0.0, 3, ["x"])
+    assert mine == SamplingParams(max_tokens=7, stop=["x"])
+    assert make_params(mine) is not mine  # a later change to the result cannot reach the caller either
+
+
 def test_missing_or_unfinished_adapter_is_refused_before_the_model_loads(tiny_dirs, tmp_path, monkeypatch):
     import phikit
     import phikit.models.loading as loading

@@ -403,3 +403,17 @@ def test_cli_index_prints_each_skipped_path_and_fails_clearly_on_a_bad_argument(
     assert "symbolic link loop" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # no half-made store
     assert sorted(Path(x.source).name for x in LocalStore(st).documents()) == ["also.md", "good.txt"]
+
+
+def test_one_embedder_class_can_wait_to_load_until_first_use():
+    import sys
+
+    from phikit.rag.embed import DEFAULT
+    from phikit.serve.state import Embedder as ServerEmbedder
+
+    assert ServerEmbedder is Embedder  # the server embeds with the same class as RAG
+    before = "sentence_transformers" in sys.modules
+    e = Embedder(device="cpu", load=False)
+    assert e.name == DEFAULT and e.load_s == 0.0  # nothing loaded yet: a server may hold one from its start
+    assert ("sentence_transformers" in sys.modules) == before
+    assert Embedder("org/some-model", load=False).name == "org/some-model"

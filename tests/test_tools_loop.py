@@ -1,6 +1,6 @@
-"""The tool loop on each chat format: real rendering, tokenizer and stream of tiny models, with the
-model's replies scripted (crafted outputs in each format's own call syntax), plus one run where a
-tiny random model is forced into a valid call by constrained decoding."""
+"""The tool loop on each chat format: real rendering, tiny tokenizers and the real stream, with the
+model's replies scripted (tiny.scripted_model: crafted outputs in each format's own call syntax), plus
+one run where a tiny random model is forced into a valid call by constrained decoding."""
 
 from __future__ import annotations
 
@@ -10,44 +10,24 @@ import pytest
 
 import phikit
 from phikit.chat import ToolEvent, ask, collect, run_tools
+from phikit.formats import get_format
 from phikit.tools import builtin_tools
+from tiny import scripted_model
 
 FAMILIES = ["phi3", "phi4-mini", "phi4", "chatml"]
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tiny_dirs):
-    return {f: phikit.load(str(tiny_dirs[f]), backend="transformers", device="cpu", n_ctx=4096) for f in FAMILIES}
-
-
-def script(model, replies: list[str]) -> list[str]:
-    """Make `model` answer with `replies` in turn (token by token through the real stream); returns the prompts it saw."""
-    be = model.backend
-    prompts: list[str] = []
-    stop = min(be.stop_ids())
-
-    def _generate(prompt_ids, params, max_new):
-        prompts.append(be.tokenizer.decode(prompt_ids))
-        reply = replies[min(len(prompts) - 1, len(replies) - 1)]
-        yield from be.tokenizer(reply, add_special_tokens=False)["input_ids"][:max_new]
-        yield stop
-
-    be._generate = _generate
-    return prompts
-
-
-def call_text(model, name: str, args: dict) -> str:
-    return model.fmt.render_tool_calls([{"name": name, "arguments": args}])
+def call_text(family: str, name: str, args: dict) -> str:
+    return get_format(family).render_tool_calls([{"name": name, "arguments": args}])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_call_run_and_answer_in_each_format(tiny_models, family):
-    m = tiny_models[family]
-    prompts = script(m, [call_text(m, "calculator", {"expression": "17 * 23"}), "17 times 23 is 391."])
+def test_call_run_and_answer_in_each_format(family):
+    m = scripted_model(family, [call_text(family, "calculator", {"expression": "17 * 23"}), "17 times 23 is 391."])
     r = collect(run_tools(m, "What is 17 * 23?", builtin_tools(), max_tokens=200), m.name)
     assert r.text == "17 times 23 is 391." and r.finish_reason == "stop"
     assert r.extra["tool_calls"] == [{"round": 0, "name": "calculator", "arguments": {"expression": "17 * 23"}, "result": 391}]
-    first, second = prompts
+    first, second = m.backend.prompts
     assert '"name": "calculator"' in first  # the declarations, in the format's own place
     if family == "phi4-mini":
         assert "<|tool|>[" in first and "<|/tool|>" in first
@@ -55,9 +35,8 @@ def test_call_run_and_answer_in_each_format(tiny_models, family):
     assert "17 * 23" in second  # and the assistant's call is in the history
 
 
-def test_model_mistakes_go_back_as_errors(tiny_models):
-    m = tiny_models["chatml"]
-    prompts = script(m, [
+def test_model_mistakes_go_back_as_errors():
+    m = scripted_model("chatml", [
         '[{"name": "calculater", "arguments": {"expression": "1"}}, {"name": "calculator", "arguments": {"expr": "1"}}]',
         '[{"name": "calculator", "arguments": {"expression": "import os"}}]',
         "I give up.",
@@ -68,12 +47,11 @@ def test_model_mistakes_go_back_as_errors(tiny_models):
     assert "no tool named 'calculater'" in calls[0]["error"]
     assert "invalid arguments" in calls[1]["error"]
     assert "not an arithmetic expression" in calls[2]["error"]
-    assert r.text == "I give up." and "no tool named" in prompts[1]
+    assert r.text == "I give up." and "no tool named" in m.backend.prompts[1]
 
 
-def test_round_limit_stops_the_loop(tiny_models):
-    m = tiny_models["phi4"]
-    script(m, [call_text(m, "now", {})])  # a model that never stops calling
+def test_round_limit_stops_the_loop():
+    m = scripted_model("phi4", [call_text("phi4", "now", {})])  # a model that never stops calling
     events = list(run_tools(m, "time?", builtin_tools(), max_rounds=2, max_tokens=100))
     tool_events = [e for e in events if isinstance(e, ToolEvent)]
     assert [e.round for e in tool_events] == [0, 1, 2]
@@ -81,9 +59,8 @@ def test_round_limit_stops_the_loop(tiny_models):
     assert events[-1].finish_reason == "tool_rounds"
 
 
-def test_schema_only_tool_is_left_to_the_caller(tiny_models):
-    m = tiny_models["phi3"]
-    script(m, ['[{"name": "lookup", "arguments": {"q": "x"}}]'])
+def test_schema_only_tool_is_left_to_the_caller():
+    m = scripted_model("phi3", ['[{"name": "lookup", "arguments": {"q": "x"}}]'])
     decl = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
     r = collect(run_tools(m, "find x", [decl], max_tokens=100), m.name)
     assert r.finish_reason == "tool_calls" and r.extra["tool_calls"] == [{"round": 0, "name": "lookup", "arguments": {"q": "x"}}]

@@ -1,5 +1,6 @@
 """Tiny random models of the real architectures, with tokenizers that carry the
-real special tokens at their real ids (figures from ../shared/reference/chat-formats.md).
+real special tokens at their real ids (figures from ../shared/reference/chat-formats.md),
+and `scripted_model`: a stand-in model that replies with scripted texts.
 
 The byte-level BPE has no merges: every byte is one token, so any text
 round-trips, and each special token is one id, as in the real tokenizers.
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
+
+from phikit.engine.backend import LocalBackend
+from phikit.engine.types import SamplingParams
 
 # family -> (model_type, vocab size, {special: id}, bos, eos, unk, pad, extra config)
 FAMILIES = {
@@ -93,3 +98,48 @@ def build_model_dir(family: str, out: Path, *, broken_phi4: bool = False, layers
     tok.save_pretrained(out)
     (out / "phikit-test.json").write_text(json.dumps({"family": family, "broken_phi4": broken_phi4}))
     return out
+
+
+class ScriptedBackend(LocalBackend):
+    """A backend that replies with `replies` in turn (the last one repeats), token by token through the
+    real stream (rendering, stop ids, detokenisation, stop strings), with the tiny tokenizer and the
+    real chat format of `family`; no weights. `prompts` collects the prompts it saw, special tokens kept."""
+
+    name = "scripted"
+
+    def __init__(self, family: str, replies: list[str], context_length: int = 4096):
+        from phikit.formats import get_format
+
+        self.tokenizer = build_tokenizer(family)
+        self.fmt = get_format(family)
+        self.model_name = f"scripted-{family}"
+        self.context_length = context_length
+        self.replies = list(replies)
+        self.prompts: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.get_vocab().get(token)
+
+    def info(self) -> dict:
+        return {"backend": self.name, "model": self.model_name, "context_length": self.context_length}
+
+    def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        self.prompts.append(self.tokenizer.decode(prompt_ids))
+        reply = self.replies[min(len(self.prompts), len(self.replies)) - 1]
+        yield from self.tokenizer(reply, add_special_tokens=False)["input_ids"][:max_new]
+        yield min(self.stop_ids())
+
+
+def scripted_model(family: str, replies: list[str], context_length: int = 4096):
+    """A phikit Model over a ScriptedBackend (its `backend.prompts` are the prompts it saw)."""
+    from phikit.model import Model
+    from phikit.models.registry import ModelSpec
+
+    be = ScriptedBackend(family, replies, context_length)
+    return Model(be, ModelSpec(be.model_name, None, be.fmt.name, context=context_length), load_s=0.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Iterator
 
 from .engine.backend import Backend
@@ -81,15 +81,13 @@ def as_messages(messages: str | list[Message]) -> list[Message]:
 
 
 def make_params(params: SamplingParams | None = None, **kw) -> SamplingParams:
+    """A validated copy of `params` (or the defaults) with the options in `kw` that are not None;
+    the caller's object is never changed."""
     names = {f.name for f in fields(SamplingParams)}
     unknown = set(kw) - names
     if unknown:
         raise PhikitError(f"unknown generation option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-    p = params or SamplingParams()
-    for k, v in kw.items():
-        if v is not None:
-            setattr(p, k, v)
-    return p.validate()
+    return replace(params or SamplingParams(), **{k: v for k, v in kw.items() if v is not None}).validate()
 
 
 def _pick_backend(spec: ModelSpec, backend: str, quant: str, device: str, adapter: str | None) -> str:

@@ -14,71 +14,128 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+def _names(s: str) -> list[str] | None:
+    """A comma-separated list of names ("" = not given)."""
+    return [t.strip() for t in s.split(",") if t.strip()] if s else None
+
+
+# One flag per TrainConfig field (config_fields()), `--lora-r` for lora_r, typed from the field's
+# annotation. Below is only what a field cannot say: the help (in `--help`'s groups and order; [x] is
+# TrainConfig's default) and argparse details. A field not listed still gets its flag, at the end,
+# with its default as help; one in CONFIG_ONLY is set in a config file only.
+HELP: dict[str | None, dict[str, str]] = {
+    None: {
+        "data": "training data: SQuAD 2.0 .json, .jsonl (messages | context+question+answer | text), or 'squad2'",
+        "out": "output directory (adapter, phikit.json, log.jsonl, loss.png, checkpoints/) [phikit-adapter]",
+        "model": "base model: registry name, HF directory, .gguf or hub id [embedded SmolLM2-135M]",
+        "quant": "base weights: nf4 (QLoRA) or none [auto: nf4 on CUDA, none on CPU]",
+        "device": "cpu | cuda | auto [auto]",
+        "format": "chat format when it cannot be detected (chatml, phi3, phi4-mini, phi4)",
+    },
+    "LoRA": {
+        "lora_r": "rank [16]",
+        "lora_alpha": "[16]",
+        "lora_dropout": "[0.05]",
+        "lora_targets": "comma-separated module names [the registry's: all linear projections]",
+    },
+    "optimisation": {
+        "lr": "peak learning rate, cosine decay [2e-4]",
+        "warmup_ratio": "[0.1]",
+        "epochs": "[3]",
+        "micro_batch": "examples per forward pass [4]",
+        "grad_accum": "micro-batches per optimizer step; effective batch = micro x accum [2]",
+        "optimizer": "[auto: 8-bit AdamW on CUDA, AdamW on CPU]",
+        "weight_decay": "[0.01]",
+        "max_grad_norm": "clip the gradient norm to this (0 = no clipping) [1.0]",
+        "max_seq": "longer examples get their context cut, never the answer [2048]",
+        "group_by_length": "[true]",
+        "gradient_checkpointing": "[on for CUDA, off on CPU]",
+        "compile": "torch.compile each decoder layer (with offloaded activations) [on for CUDA]",
+        "offload_activations": "keep checkpointed layer inputs, and an untied frozen input embedding, in CPU memory "
+                               "[on with checkpointing on CUDA, one process]",
+        "seed": "[42]",
+    },
+    "data and run": {
+        "limit": "use the first N examples",
+        "max_steps": "stop after N optimizer steps",
+        "val_split": "fraction held out for eval loss [0.05]",
+        "val_data": "separate validation file (instead of --val-split)",
+        "eval_every_epoch": "eval loss on the validation examples at the end of each epoch [true]",
+        "squad_answerable_ratio": "SQuAD: answerable per unanswerable example, e.g. 2",
+        "squad_max_context_words": "SQuAD: skip paragraphs longer than this (cheaper CPU runs)",
+        "squad_questions_per_context": "SQuAD: up to N questions of a paragraph in one conversation (follow-up turns) [1]",
+        "save_every": "optimizer steps between checkpoints [50]",
+        "keep_last": "checkpoints kept [2]",
+        "resume": "continue from the last checkpoint in --out",
+        "progress": "no progress bar",
+    },
+    "several GPUs (data parallel, torch DDP or FSDP)": {
+        "strategy": "with several processes: ddp (a whole model each) or fsdp (16-bit weights sharded over the processes "
+                    "after loading: more memory for activations; not with --quant nf4) [ddp]",
+    },
+}
+ARGS: dict[str, dict] = {  # argparse keywords beyond type and help
+    "model": {"flags": ("--model", "-m")},
+    "quant": {"choices": ["auto", "nf4", "none"]},
+    "optimizer": {"choices": ["auto", "adamw8bit", "adamw"]},
+    "strategy": {"choices": ["ddp", "fsdp"]},
+    "resume": {"action": "store_true"},
+    "progress": {"flags": ("--no-progress",), "action": "store_false"},
+}
+CONFIG_ONLY = {"extra"}  # free-form notes recorded in phikit.json
+TYPES = {"str": str, "int": int, "float": float, "bool": _bool, "list[str]": _names}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Every default is None here so that only the flags a user gives override the config file;
-    # the real defaults live in phikit.train.config.TrainConfig (shown in brackets).
-    p.add_argument("--data", help="training data: SQuAD 2.0 .json, .jsonl (messages | context+question+answer | text), or 'squad2'")
-    p.add_argument("--out", help="output directory (adapter, phikit.json, log.jsonl, loss.png, checkpoints/) [phikit-adapter]")
+    # the real defaults live in phikit.train.config.TrainConfig.
+    from ..train.config import TrainConfig, config_fields
+
     p.add_argument("--config", help="YAML or JSON file of settings (same names as the flags, with _); flags win")
-    p.add_argument("--model", "-m", help="base model: registry name, HF directory, .gguf or hub id [embedded SmolLM2-135M]")
-    p.add_argument("--quant", choices=["auto", "nf4", "none"], help="base weights: nf4 (QLoRA) or none [auto: nf4 on CUDA, none on CPU]")
-    p.add_argument("--device", help="cpu | cuda | auto [auto]")
-    p.add_argument("--format", help="chat format when it cannot be detected (chatml, phi3, phi4-mini, phi4)")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, help="rank [16]")
-    g.add_argument("--lora-alpha", type=int, help="[16]")
-    g.add_argument("--lora-dropout", type=float, help="[0.05]")
-    g.add_argument("--lora-targets", help="comma-separated module names [the registry's: all linear projections]")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, help="peak learning rate, cosine decay [2e-4]")
-    g.add_argument("--warmup-ratio", type=float, help="[0.1]")
-    g.add_argument("--epochs", type=float, help="[3]")
-    g.add_argument("--micro-batch", type=int, help="examples per forward pass [4]")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step; effective batch = micro x accum [2]")
-    g.add_argument("--optimizer", choices=["auto", "adamw8bit", "adamw"], help="[auto: 8-bit AdamW on CUDA, AdamW on CPU]")
-    g.add_argument("--weight-decay", type=float, help="[0.01]")
-    g.add_argument("--max-seq", type=int, help="longer examples get their context cut, never the answer [2048]")
-    g.add_argument("--group-by-length", type=_bool, metavar="BOOL", help="[true]")
-    g.add_argument("--gradient-checkpointing", type=_bool, metavar="BOOL", help="[on for CUDA, off on CPU]")
-    g.add_argument("--compile", type=_bool, metavar="BOOL", help="torch.compile each decoder layer (with offloaded activations) [on for CUDA]")
-    g.add_argument("--offload-activations", type=_bool, metavar="BOOL",
-                   help="keep checkpointed layer inputs, and an untied frozen input embedding, in CPU memory [on with checkpointing on CUDA, one process]")
-    g.add_argument("--seed", type=int, help="[42]")
-    g = p.add_argument_group("data and run")
-    g.add_argument("--limit", type=int, help="use the first N examples")
-    g.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    g.add_argument("--val-split", type=float, help="fraction held out for eval loss [0.05]")
-    g.add_argument("--val-data", help="separate validation file (instead of --val-split)")
-    g.add_argument("--squad-answerable-ratio", type=float, help="SQuAD: answerable per unanswerable example, e.g. 2")
-    g.add_argument("--squad-max-context-words", type=int, help="SQuAD: skip paragraphs longer than this (cheaper CPU runs)")
-    g.add_argument("--squad-questions-per-context", type=int,
-                   help="SQuAD: up to N questions of a paragraph in one conversation (follow-up turns) [1]")
-    g.add_argument("--save-every", type=int, help="optimizer steps between checkpoints [50]")
-    g.add_argument("--keep-last", type=int, help="checkpoints kept [2]")
-    g.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
-    g = p.add_argument_group("several GPUs (data parallel, torch DDP or FSDP)")
-    g.add_argument("--gpus", type=int, help="train in N processes through torchrun: one per GPU on CUDA, N gloo processes with "
-                   "--device cpu; global batch = micro x accum x N. Under torchrun / accelerate launch, leave it out")
-    g.add_argument("--strategy", choices=["ddp", "fsdp"], help="with several processes: ddp (a whole model each) or fsdp "
-                   "(16-bit weights sharded over the processes after loading: more memory for activations; not with --quant nf4) [ddp]")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    fields = config_fields()
+    listed = {n for helps in HELP.values() for n in helps}
+    unlisted = {n: f"[{_shown(getattr(TrainConfig(), n))}]" for n in fields if n not in listed | CONFIG_ONLY}
+    groups = {None: p}
+    for title, helps in [*HELP.items(), (None, unlisted)]:
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        for name, text in helps.items():
+            kw = dict(ARGS.get(name, {}))
+            flags = kw.pop("flags", ("--" + name.replace("_", "-"),))
+            if "action" not in kw:
+                kw["type"] = TYPES[_kind(fields[name])]
+                if kw["type"] is _bool:
+                    kw["metavar"] = "BOOL"
+            groups[title].add_argument(*flags, dest=name, default=None, help=text, **kw)
+    groups["several GPUs (data parallel, torch DDP or FSDP)"].add_argument(
+        "--gpus", type=int, help="train in N processes through torchrun: one per GPU on CUDA, N gloo processes with "
+        "--device cpu; global batch = micro x accum x N. Under torchrun / accelerate launch, leave it out")
+
+
+def _kind(annotation) -> str:
+    """The key into TYPES for a field's annotation: "int" for int and int | None, "list[str]" for list[str] | None."""
+    return (annotation.__name__ if isinstance(annotation, type) else str(annotation)).removesuffix(" | None")
+
+
+def _shown(default) -> str:
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def config_from(args):
+    """The TrainConfig the command asks for: defaults, then the --config file, then the flags given."""
+    from ..train.config import config_fields, make_config
+
+    return make_config(args.config, **{n: getattr(args, n) for n in config_fields() if n not in CONFIG_ONLY})
 
 
 def run(args) -> int:
     import os
 
     from ..errors import PhikitError
-    from ..train import make_config, train
+    from ..train import train
     from ..train.distributed import env_world, launch
 
-    names = ("data", "out", "model", "quant", "device", "format", "lora_r", "lora_alpha", "lora_dropout", "lr",
-             "warmup_ratio", "epochs", "micro_batch", "grad_accum", "optimizer", "weight_decay", "max_seq",
-             "group_by_length", "gradient_checkpointing", "offload_activations", "compile", "seed", "limit", "max_steps", "val_split", "val_data",
-             "squad_answerable_ratio", "squad_max_context_words", "squad_questions_per_context", "save_every", "keep_last", "resume", "strategy", "progress")
-    flags = {n: getattr(args, n) for n in names}
-    if args.lora_targets:
-        flags["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    cfg = make_config(args.config, **flags)
+    cfg = config_from(args)
     if args.gpus is not None and args.gpus < 1:
         raise PhikitError("--gpus must be at least 1")
     if args.gpus and args.gpus > 1 and env_world() is None:

@@ -1,4 +1,4 @@
-"""SQuAD 2.0: the official scoring, the metrics it lacks, and `evaluate(model, data)`.
+"""SQuAD 2.0: the official scoring, the metrics it lacks, and `evaluate(model, data)` (run, score, merge shards).
 
 The scoring functions reproduce the official SQuAD 2.0 evaluation script
 (`evaluate-v2.0.py`) line for line in behaviour: the same normalisation, the
@@ -20,10 +20,12 @@ import json
 import re
 import string
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, PhikitError
+from .runner import batch_size_for, generate_all, meta, sha256, speed_metrics
 
 OFFICIAL_KEYS = ("exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1", "NoAns_total")
 
@@ -215,13 +217,94 @@ def score_predictions(dataset: list[dict], preds: dict[str, str]) -> tuple[dict,
     return {**official, **extra_metrics(records)}, records
 
 
-def evaluate(model, data_path: str | Path, limit: int | None = None, **kw) -> dict:
-    """Run `model` (a loaded phikit Model) on SQuAD 2.0 data with the grounded prompt and score it.
+# --- running a model -------------------------------------------------------------
 
-    Returns the results dict (meta, metrics, records) that `phikit eval squad2`
-    writes; keyword arguments are those of `phikit.eval.runner.run_squad`
-    (context, store, k, max_tokens, temperature, seed, progress).
+
+def evaluate(model, data_path: str | Path, limit: int | None = None, *, context: str = "gold", store: str | None = None,
+             k: int = 4, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0, progress: bool = True,
+             batch_size: int | None = None) -> dict:
+    """Run `model` (a loaded phikit Model) on SQuAD 2.0 questions with THE grounded prompt; score officially and beyond.
+
+    context: "gold" (the question's paragraph) or "retrieved" (top-k chunks
+    from the RAG store `store`). An abstention (grounding.is_abstention) is
+    the empty answer. batch_size: see `runner.generate_all`. Returns the results
+    dict (meta, metrics, records) that `phikit eval squad2` writes.
     """
-    from .runner import run_squad
+    from ..engine.types import SamplingParams
+    from ..grounding import SYSTEM, grounded_messages, is_abstention
 
-    return run_squad(model, data_path, limit=limit, **kw)
+    if limit is not None and limit < 1:
+        raise PhikitError(f"--limit must be at least 1, got {limit}")
+    dataset = load_squad(data_path)
+    items = questions(dataset, limit)
+    retrieve = _retriever(context, store, k)
+    contexts = [q.context if retrieve is None else retrieve(q.question) for q in items]
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed).validate()
+    user_template = grounded_messages("{context}", "{question}")[1]["content"]
+    t0 = time.perf_counter()
+    gens = generate_all(model, (grounded_messages(c, q.question) for c, q in zip(contexts, items)), params, len(items), "squad2", progress,
+                        batch_size)
+    records, preds = [], {}
+    for q, ctx, g in zip(items, contexts, gens):
+        reply = g["reply"].strip()
+        pred = "" if is_abstention(reply) else reply
+        preds[q.qid] = pred
+        records.append({"qid": q.qid, "title": q.title, "question": q.question, "has_answer": q.has_answer, "gold": q.golds,
+                        "reply": reply, "prediction": pred, "abstained": pred == "",
+                        "unsupported": unsupported(pred, ctx), **g})
+        if retrieve is not None and q.has_answer:
+            # Could the model have answered at all? A gold answer must be in what was retrieved.
+            records[-1]["answer_retrieved"] = any(normalize_answer(a) in normalize_answer(ctx) for a in q.golds)
+    run_s = time.perf_counter() - t0
+    metrics = squad_metrics(dataset, records, run_s)
+    prompt = {"system": SYSTEM, "user": user_template, "abstain_maps_to": ""}
+    m = meta("squad2", model, data_path, limit, params, prompt, context=context, store=store, k=k if store else None,
+             run_s=round(run_s, 2), batch_size=batch_size_for(model, batch_size))
+    return {"meta": m, "metrics": metrics, "records": records}
+
+
+def _retriever(context: str, store: str | None, k: int):
+    """None for gold context; else a function question -> retrieved context text (issue 4's RAG store)."""
+    if context == "gold":
+        return None
+    if context != "retrieved":
+        raise PhikitError(f"--context must be gold or retrieved, got {context!r}")
+    if not store:
+        raise PhikitError("--context retrieved needs --store DIR (a store built with `phikit rag ingest`)")
+    from ..rag import RAG
+
+    rag = RAG(store)
+
+    # Plain (uncited) grounded context: answers are scored against SQuAD spans, and the model
+    # is tuned on this very prompt; chunks are joined in rank order.
+    return lambda question: "\n\n".join(h.text for h in rag.retrieve(question, k))
+
+
+def squad_metrics(dataset: list[dict], records: list[dict], wall_s: float | None = None) -> dict:
+    """Official, extra and speed metrics of SQuAD records (sets each record's exact and f1)."""
+    preds = {r["qid"]: r["prediction"] for r in records}
+    official, exact, f1 = official_eval(restrict(dataset, set(preds)), preds)
+    for r in records:
+        r["exact"], r["f1"] = exact[r["qid"]], f1[r["qid"]]
+    metrics = {**official, **extra_metrics(records), **speed_metrics(records, wall_s)}
+    hits = [r["answer_retrieved"] for r in records if "answer_retrieved" in r]
+    if hits:
+        metrics["retrieval_answer_recall"] = sum(hits) / len(hits)
+    return metrics
+
+
+def merge_squad(parts: list[dict], data_path: str | Path) -> dict:
+    """One results dict from runs over disjoint shards of `data_path` (e.g. run in parallel).
+
+    Scores are recomputed over the union, officially; run_s is the longest shard's (wall time
+    of a parallel run); each shard's own meta is kept under meta["shards"].
+    """
+    dataset = load_squad(data_path)
+    order = {q.qid: i for i, q in enumerate(questions(dataset))}
+    records = sorted((r for p in parts for r in p["records"]), key=lambda r: order.get(r["qid"], len(order)))
+    if len({r["qid"] for r in records}) != len(records):
+        raise PhikitError("the shards overlap: a question appears in more than one results file")
+    m = {**parts[0]["meta"], "data": str(data_path), "data_sha256": sha256(data_path), "limit": None,
+         "run_s": max(p["meta"]["run_s"] for p in parts),
+         "shards": [{k: p["meta"][k] for k in ("data", "data_sha256", "run_s", "date")} for p in parts]}
+    return {"meta": m, "metrics": squad_metrics(dataset, records, m["run_s"]), "records": records}

@@ -1,36 +1,77 @@
-"""Sentence embeddings through sentence-transformers, normalised so inner product = cosine."""
+"""Sentence embeddings through sentence-transformers, normalised so inner product = cosine.
+
+One class for every user: RAG indexing and retrieval (`encode`, numpy) and the server's
+embedding routes (`embed`, lists and a token count)."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 from ..errors import PhikitError, require
 
 DEFAULT = "all-MiniLM-L6-v2 (embedded)"
+_DEFAULT_NAMES = (None, "", DEFAULT, "default", "minilm")
 
 
 class Embedder:
-    """A sentence-transformers model: `name` (recorded in the store), `dim`, `encode(texts)`."""
+    """A sentence-transformers model: `name` (recorded in the store), `dim`, `encode(texts)`, `embed(texts)`.
 
-    def __init__(self, name: str | None = None, device: str | None = None):
-        self.name, where = resolve_name(name)
-        st = require("sentence_transformers", "sentence-transformers", "embedding documents for RAG")
+    The model loads here, or with load=False on first use (sentence-transformers imports torch), once,
+    whichever thread asks first: a server holds one before any request needs it. `load_s` is how long
+    the load took."""
+
+    def __init__(self, name: str | None = None, device: str | None = None, load: bool = True):
+        self.name = DEFAULT if name in _DEFAULT_NAMES else resolve_name(name)[0]
+        self.device = device
+        self.load_s = 0.0
+        self._model = None
+        self._dim: int | None = None
+        self._lock = threading.RLock()  # one load, and one encode at a time (the model is shared)
+        if load:
+            self.dim  # noqa: B018 - loads the model; a bad name or a missing model fails here
+
+    @property
+    def model(self):
+        """The sentence-transformers model, loaded on the first call."""
+        with self._lock:
+            if self._model is None:
+                self._model = self._load()
+            return self._model
+
+    def _load(self):
+        _, where = resolve_name(self.name)
+        st = require("sentence_transformers", "sentence-transformers", "sentence embeddings")
         try:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # a "Loading weights" bar on every ask is noise
         except Exception:
             pass
+        t0 = time.perf_counter()
         try:
-            self.model = st.SentenceTransformer(where, device=device)
+            model = st.SentenceTransformer(where, device=self.device)
         except Exception as e:  # hub errors, missing files, bad configs all surface differently
             raise PhikitError(
                 f"cannot load the embedding model {self.name!r} ({type(e).__name__}: {e}); "
                 "pass --embedder with a local sentence-transformers directory or a model name you have cached"
             ) from e
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+        self.load_s = time.perf_counter() - t0
+        return model
+
+    @property
+    def dim(self) -> int:
+        """Vector length (loads the model the first time)."""
+        if self._dim is None:
+            get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            self._dim = int(get_dim())
+        return self._dim
+
+    @dim.setter
+    def dim(self, value: int) -> None:  # a stand-in embedder (tests) states its own
+        self._dim = value
 
     def encode(self, texts: list[str], batch_size: int = 64):
         """float32 array (len(texts), dim), each row of unit length."""
@@ -38,13 +79,21 @@ class Embedder:
 
         if not texts:
             return np.zeros((0, self.dim), dtype="float32")
-        v = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        with self._lock:
+            v = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(v, dtype="float32")
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Normalised embeddings of `texts` as lists, and the number of tokens they took (the embedding APIs)."""
+        with self._lock:
+            vecs = self.encode(texts)
+            n_tokens = sum(len(ids) for ids in self.model.tokenizer(texts)["input_ids"]) if texts else 0
+        return vecs.tolist(), n_tokens
 
 
 def resolve_name(name: str | None) -> tuple[str, str]:
     """(name recorded in the store, what sentence-transformers loads)."""
-    if name in (None, "", DEFAULT, "default", "minilm"):
+    if name in _DEFAULT_NAMES:
         from ..models.registry import embedded_embedder_dir
 
         d = embedded_embedder_dir()

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from ..errors import require
 from .bm25 import avg_len_guess, tf_weights, tokenize
-from .store import DocInfo, Hit, Meta, NewDoc, StoreError, now
+from .records import DocInfo, Hit, Meta, NewDoc, StoreError, now
 
 _META_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "phikit:meta"))
 

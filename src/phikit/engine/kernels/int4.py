@@ -90,7 +90,6 @@ def can_quantize(linear: nn.Linear, group_size: int = GROUP_SIZE) -> bool:
 
 
 KERNELS = ("tinygemm+triton", "triton", "tinygemm", "dequant")
-GEMV_MAX_M = 8  # rows of x up to which a matmul counts as decode-shaped (a weight pass per row); above, prefill-shaped
 
 
 def default_kernel(device: torch.device | str) -> str:
@@ -124,8 +123,11 @@ class Int4Linear(nn.Module):
         self.kernel = kernel
         q, scale, zero = quantize_int4(weight.detach(), group_size)
         if "triton" in kernel:
-            from . import int4_triton  # noqa: F401  (registers torch.ops.phikit.int4_mm before any trace)
+            from . import int4_triton  # importing it registers torch.ops.phikit.int4_mm, before any trace
 
+            # Rows of x up to which a matmul is decode-shaped (int4_mm's GEMV side; tinygemm's here in
+            # "tinygemm+triton"); above, prefill-shaped: dequantise + cuBLAS.
+            self.gemv_max_m = int4_triton.GEMV_MAX_M
             self.register_buffer("qweight", pack_int4_words(q, group_size))
             self.register_buffer("scales", scale.contiguous())
             self.register_buffer("zeros", zero.contiguous())
@@ -150,7 +152,7 @@ class Int4Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         # M is static under torch.compile(dynamic=False): each captured graph holds one branch
-        if self.kernel == "triton" or (self.kernel == "tinygemm+triton" and x2.shape[0] > GEMV_MAX_M):
+        if self.kernel == "triton" or (self.kernel == "tinygemm+triton" and x2.shape[0] > self.gemv_max_m):
             y = torch.ops.phikit.int4_mm(x2.to(torch.bfloat16), self.qweight, self.scales, self.zeros, self.group_size)
         elif "tinygemm" in self.kernel:
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scales_and_zeros)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int4 import GEMV_MAX_M  # up to this many rows of x the GEMV reads the weight once per row; above, dequantise + cuBLAS
+GEMV_MAX_M = 8  # up to this many rows of x the GEMV reads the weight once per row; above, dequantise + cuBLAS
 
 
 @triton.jit

@@ -103,3 +103,53 @@ def test_incremental_detokenizer_waits_for_whole_characters():
     e = "é".encode()
     assert d.add(e[0]) == ""
     assert d.add(e[1]) == "é"
+
+
+def _reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text a stream must show: everything before the earliest point where a whole stop string has appeared."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    if not ends:
+        return text, False
+    end = min(ends)
+    start = min(text.find(s) for s in stops if s in text[:end] and text.find(s) + len(s) == end)
+    return text[:start], True
+
+
+def test_stop_strings_match_a_reference_on_random_text_in_random_pieces():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice("ab</s>") for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice("ab</s>") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        g, shown, hit, i = StopStrings(stops), "", False, 0
+        while i < len(text) and not hit:
+            n = rng.randint(1, 4)
+            out, hit = g.feed(text[i : i + n])
+            shown, i = shown + out, i + n
+            # Nothing is held back that cannot start a stop string.
+            assert not g.pending or any(s.startswith(g.pending[-k:]) for s in stops for k in range(1, len(g.pending) + 1))
+        if not hit:
+            shown += g.flush()
+        assert (shown, hit) == _reference_cut(text, stops), (text, stops)
+
+
+@pytest.mark.timeout(30)
+def test_stop_string_check_is_linear_in_the_stop_length():
+    # The longest stop a request may give, fed character by character with a near miss at every step: testing every
+    # prefix on every token took minutes here; the matcher takes a fraction of a second.
+    from phikit.engine.types import MAX_STOP_CHARS
+
+    g, shown = StopStrings(["a" * (MAX_STOP_CHARS - 1) + "b"]), ""
+    for _ in range(20_000):
+        out, hit = g.feed("a")
+        shown += out
+        assert not hit
+    out, hit = g.feed("b")
+    assert (shown + out, hit) == ("a" * (20_000 - MAX_STOP_CHARS + 1), True)
+
+
+@pytest.mark.parametrize("stop", [["x"] * 5, ["y" * 2000], [3]])
+def test_stop_strings_are_bounded_in_count_length_and_type(stop):
+    with pytest.raises(PhikitError, match="stop"):
+        SamplingParams(stop=stop).validate()

@@ -79,3 +79,51 @@ def test_ask_from_stdin_that_is_not_utf8_is_a_clear_error(monkeypatch, capsys):
     assert main(["ask", "-"]) == 2
     err = capsys.readouterr().err
     assert "standard input:2: not valid UTF-8" in err and "Traceback" not in err
+
+
+def _nested(levels: int) -> dict:
+    s: dict = {"type": "string"}
+    for _ in range(levels):
+        s = {"type": "object", "properties": {"a": s}}
+    return s
+
+
+@pytest.mark.parametrize("schema, says", [
+    ({"type": "array", "items": {"type": "integer"}, "maxItems": 20_000}, "maxItems at / is 20000"),
+    ({"type": "object", "properties": {"s": {"type": "string", "minLength": 50_000}}}, "minLength at /properties/s"),
+    ({"type": "string", "pattern": "^a{0,50000}$"}, "pattern at / repeats 50000"),
+    (_nested(150), "nested more than 64 levels"),
+])
+def test_schemas_past_the_grammar_engines_bounds_are_refused(tiny_dirs, default_model, schema, says):
+    # Each of these ended the process inside llama.cpp's grammar code (a segfault) or raised RecursionError.
+    with pytest.raises(DataError, match=says):
+        default_model.stream([{"role": "user", "content": "x"}], json_schema=schema, max_tokens=5)
+    m = phikit.load(str(tiny_dirs["chatml"]), device="cpu")
+    with pytest.raises(DataError, match=says):
+        m.stream([{"role": "user", "content": "x"}], json_schema=schema, max_tokens=5)
+
+
+def test_a_grammar_that_crashes_llamacpp_fails_the_request_not_the_process(embedded_gguf):
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    from phikit.engine.grammar_check import GrammarChecker
+
+    checker = GrammarChecker(embedded_gguf)
+    ok = json_schema_to_gbnf(json.dumps(PERSON))
+    assert checker.check(ok) is None
+    # Past the schema bounds (which stop it from being asked for): llama.cpp's parser recurses once per repetition.
+    deep = json_schema_to_gbnf(json.dumps({"type": "string", "pattern": "^a{0,50000}$"}))
+    assert "crashed" in checker.check(deep) and "signal 11" in checker.check(deep)
+    assert checker.check(ok) is None  # a new child answers the next request
+    assert "rejected" in checker.check('root ::= "a" (')  # a parse error is an answer, not a crash
+    checker.close()
+
+
+@pytest.mark.e2e
+def test_ask_json_schema_past_the_bounds_is_a_clear_cli_error(tmp_path, capsys):
+    from phikit.cli.main import main
+
+    f = tmp_path / "big.json"
+    f.write_text(json.dumps({"type": "array", "items": {"type": "string"}, "maxItems": 20_000}))
+    assert main(["ask", "--json-schema", str(f), "hi"]) == 2
+    assert "maxItems" in capsys.readouterr().err

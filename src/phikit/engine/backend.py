@@ -83,8 +83,17 @@ class LocalBackend(Backend):
                 "shorten the prompt or the history"
             )
 
+    def prepare(self, params: SamplingParams) -> None:
+        """Check (and build, where a backend can) what `params` asks for before its stream starts, so that a
+        bad request fails before the first chunk: here the JSON schema's bounds (engine/constrain.py)."""
+        if params.json_schema is not None:
+            from .constrain import check_schema
+
+            check_schema(params.json_schema)
+
     def stream_prompt(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
         params.validate()
+        self.prepare(params)
         t0 = time.perf_counter()
         ids = self.encode(prompt)
         self.check_fits(len(ids))
@@ -152,21 +161,42 @@ class IncrementalDetokenizer:
 
 
 class StopStrings:
-    """Holds back text that might be the start of a stop string; reports a hit."""
+    """Holds back text that might be the start of a stop string; reports a hit.
+
+    Each stop string has a Knuth-Morris-Pratt matcher whose state is the length of the
+    longest prefix of it that ends the text so far: every character costs amortised O(1)
+    per stop string, so a stream's check is linear in its text and in the stop strings
+    (testing every prefix on every token, as before, was quadratic in a stop's length).
+    """
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
+        self._fail = [_prefix_function(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
         self.pending = ""
 
     def feed(self, delta: str) -> tuple[str, bool]:
         if not self.stops:
             return delta, False
+        start = len(self.pending)
         self.pending += delta
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending = self.pending[:cut], ""
-            return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        for i, ch in enumerate(delta, start):
+            hit = 0
+            for j, s in enumerate(self.stops):
+                k, fail = self._state[j], self._fail[j]
+                if k == len(s):
+                    k = fail[k - 1]
+                while k and s[k] != ch:
+                    k = fail[k - 1]
+                if s[k] == ch:
+                    k += 1
+                self._state[j] = k
+                if k == len(s):
+                    hit = max(hit, k)
+            if hit:  # stop strings end at i: the text before the longest of them is the last text
+                out, self.pending = self.pending[: i + 1 - hit], ""
+                return out, True
+        hold = max(self._state)  # the longest tail of the text that may yet become a stop string
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out) :]
         return out, False
@@ -174,3 +204,16 @@ class StopStrings:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP's failure table: fail[i] = length of the longest proper prefix of s[:i+1] that is also its suffix."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail

@@ -18,6 +18,7 @@ with finish_reason "stop"; "length" means max_tokens cut it short.
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from typing import Any
 
@@ -28,13 +29,54 @@ class UnsupportedSchemaError(DataError):
     """A valid JSON schema that the constraint library cannot enforce."""
 
 
+# What a schema may ask of a grammar engine. llama.cpp expands `{m,n}` repetitions into copies of a
+# rule and walks them recursively: a maxItems or maxLength of 20,000 overflows its stack and ends the
+# process (a segfault, not an exception). Real output schemas ask for far less than these bounds.
+MAX_REPEAT = 1000  # any count a schema sets: maxItems, minLength, maxProperties, ...
+MAX_DEPTH = 64  # nesting of the schema document (a property's schema inside `properties` is 2 levels down)
+MAX_NODES = 10_000  # objects, lists and values in the schema document
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")  # {n}, {n,}, {n,m} in a regex
+_COUNTS = ("maxItems", "minItems", "maxLength", "minLength", "maxProperties", "minProperties", "maxContains", "minContains")
+
+
+def _check_bounds(schema: Any) -> None:
+    """DataError for a schema deeper, larger or asking for longer repetitions than a grammar engine can take.
+
+    Walks the document without recursion, so that the check itself cannot overflow."""
+    todo, nodes = [(schema, 1, "")], 0
+    while todo:
+        node, depth, path = todo.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise DataError(f"the JSON schema has more than {MAX_NODES} parts: make it smaller")
+        if depth > MAX_DEPTH:
+            raise DataError(f"the JSON schema is nested more than {MAX_DEPTH} levels deep (at {path or '/'}): flatten it")
+        if isinstance(node, dict):
+            pattern = node.get("pattern")
+            if isinstance(pattern, str):
+                big = [int(n) for m in _QUANTIFIER.findall(pattern) for n in m if n and int(n) > MAX_REPEAT]
+                if big:
+                    raise DataError(f"the JSON schema's pattern at {path or '/'} repeats {big[0]} times: at most "
+                                    f"{MAX_REPEAT} is supported for constrained output; lower it")
+            for k in _COUNTS:
+                v = node.get(k)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v > MAX_REPEAT:
+                    raise DataError(f"the JSON schema's {k} at {path or '/'} is {v}: at most {MAX_REPEAT} is supported "
+                                    "for constrained output; lower it")
+            todo += [(v, depth + 1, f"{path}/{k}") for k, v in node.items()]
+        elif isinstance(node, list):
+            todo += [(v, depth + 1, f"{path}/{i}") for i, v in enumerate(node)]
+
+
 def check_schema(schema: Any) -> dict:
-    """The schema itself, after checking it is a JSON object and a valid JSON Schema; raises DataError."""
+    """The schema itself, after checking it is a JSON object, a valid JSON Schema and within the bounds above
+    (`_check_bounds`); raises DataError."""
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
     if isinstance(schema, bool) or not isinstance(schema, dict):
         raise DataError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
+    _check_bounds(schema)
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as e:
@@ -46,8 +88,10 @@ def check_schema(schema: Any) -> dict:
 _LOOSE_CHAR = r'char ::= [^"\\] |'
 _STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
-def llama_grammar(llm, schema: dict):
-    """A LlamaGrammar enforcing `schema` for `llm`; raises UnsupportedSchemaError when llama.cpp cannot."""
+def llama_grammar(llm, schema: dict, checker=None):
+    """A LlamaGrammar enforcing `schema` for `llm`; raises UnsupportedSchemaError when llama.cpp cannot.
+    `checker`: a grammar_check.GrammarChecker that first builds the grammar in a child process, so
+    that a grammar which would crash llama.cpp fails this request instead of ending the process."""
     import llama_cpp
     from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
@@ -55,11 +99,19 @@ def llama_grammar(llm, schema: dict):
     try:
         # LlamaGrammar.from_json_schema, with one fix: llama-cpp-python's string rule admits raw control
         # characters (a newline inside a string), which JSON forbids; llama.cpp's own converter excludes them.
-        gbnf = json_schema_to_gbnf(json.dumps(schema))
-        grammar = LlamaGrammar.from_string(gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR), verbose=False)
-    except Exception as e:  # the converter raises ValueError, KeyError, ... on what it does not support
+        gbnf = json_schema_to_gbnf(json.dumps(schema)).replace(_LOOSE_CHAR, _STRICT_CHAR)
+    except Exception as e:  # the converter raises ValueError, KeyError, RecursionError ... on what it does not support
         raise UnsupportedSchemaError(f"llama.cpp cannot turn this JSON schema into a grammar ({type(e).__name__}: {e}); "
                                      "simplify the schema (plain types, properties, required, enum, arrays)") from None
+    if checker is not None:
+        why = checker.check(gbnf)
+        if why:
+            raise UnsupportedSchemaError(f"this JSON schema's grammar cannot be used: {why}; simplify the schema "
+                                         f"(fewer repetitions, e.g. smaller maxItems, maxLength or regex counts, less nesting)")
+    try:
+        grammar = LlamaGrammar.from_string(gbnf, verbose=False)
+    except Exception as e:
+        raise UnsupportedSchemaError(f"llama.cpp cannot parse the grammar made from this JSON schema ({e}); simplify the schema") from None
     # llama.cpp returns NULL for a grammar it cannot parse and the sampler chain would then crash:
     # build the sampler once here, where a failure can become an error message.
     smpl = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode(), grammar._root.encode())

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# Stop strings a request may give: OpenAI's count, and a length far beyond any real stop marker.
+MAX_STOPS = 4
+MAX_STOP_CHARS = 1024
+
 
 @dataclass
 class SamplingParams:
@@ -27,6 +31,13 @@ class SamplingParams:
             raise PhikitError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise PhikitError(f"top_k must be >= 0, got {self.top_k}")
+        if len(self.stop) > MAX_STOPS:
+            raise PhikitError(f"stop: {len(self.stop)} stop strings given, at most {MAX_STOPS} are allowed; keep the ones that matter")
+        for s in self.stop:
+            if not isinstance(s, str):
+                raise PhikitError(f"stop: each stop string must be a string, got {type(s).__name__}")
+            if len(s) > MAX_STOP_CHARS:
+                raise PhikitError(f"stop: a stop string of {len(s)} characters given, at most {MAX_STOP_CHARS} are allowed")
         return self
 
 

@@ -8,6 +8,7 @@ are the shared stream's (engine/backend.py).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from typing import Iterator
@@ -31,6 +32,8 @@ class LlamaCppBackend(LocalBackend):
         self.context_length = min(llm.n_ctx(), len(llm.input_ids))
         self.extra_stop_ids = {llm.token_eos()}
         self._special_ids: dict[str, int | None] = {}
+        self._grammar_checker = None  # started with the first JSON schema (engine/grammar_check.py)
+        self._last_grammar: tuple[str | None, object] = (None, None)  # (schema as JSON, its LlamaGrammar)
 
     @classmethod
     def load(cls, spec: ModelSpec, n_ctx: int | None = None, fmt_name: str | None = None, n_threads: int | None = None):
@@ -68,12 +71,25 @@ class LlamaCppBackend(LocalBackend):
             self._special_ids[token] = ids[0] if len(ids) == 1 else None
         return self._special_ids[token]
 
-    def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
-        grammar = None
-        if params.json_schema is not None:
-            from ..constrain import llama_grammar
+    def prepare(self, params: SamplingParams) -> None:
+        """Build the grammar of `params.json_schema` (kept for `_generate`): its errors come before the stream."""
+        self._grammar(params.json_schema)
 
-            grammar = llama_grammar(self.llm, params.json_schema)
+    def _grammar(self, schema: dict | None):
+        if schema is None:
+            return None
+        key = json.dumps(schema, sort_keys=True)
+        if self._last_grammar[0] != key:
+            from ..constrain import llama_grammar
+            from ..grammar_check import GrammarChecker
+
+            if self._grammar_checker is None:
+                self._grammar_checker = GrammarChecker(self.path)
+            self._last_grammar = (key, llama_grammar(self.llm, schema, self._grammar_checker))
+        return self._last_grammar[1]
+
+    def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        grammar = self._grammar(params.json_schema)
         self.llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         # Evaluate the whole prompt every time: reusing a cached prefix re-runs
         # its last token through the single-token kernels, whose rounding differs

@@ -52,7 +52,7 @@ def main() -> None:
     from tiny import build_model_dir
 
     from phikit.train import make_config, train
-    from phikit.train.distributed import launch
+    from phikit.train.launch import launch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     quants = args.quant or (["none", "nf4"] if device == "cuda" and args.strategy == "ddp" else ["none"])

@@ -22,7 +22,8 @@ import pytest
 
 from phikit.errors import PhikitError
 from phikit.train import make_config, train
-from phikit.train.distributed import Dist, launch
+from phikit.train.distributed import Dist
+from phikit.train.launch import launch
 
 from test_train import FACTS
 

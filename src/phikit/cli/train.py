@@ -133,7 +133,8 @@ def run(args) -> int:
 
     from ..errors import PhikitError
     from ..train import train
-    from ..train.distributed import env_world, launch
+    from ..train.distributed import env_world
+    from ..train.launch import launch
 
     cfg = config_from(args)
     if args.gpus is not None and args.gpus < 1:
@@ -155,9 +156,9 @@ def run(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # a process started by `phikit train --gpus N` (phikit.train.distributed.launch)
+if __name__ == "__main__":  # a process started by `phikit train --gpus N` (phikit.train.launch.launch)
     import sys
 
-    from ..train.distributed import worker
+    from ..train.launch import worker
 
     sys.exit(worker(sys.argv[1]))

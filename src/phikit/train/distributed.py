@@ -22,19 +22,13 @@ so the loss scaling, sharding and logging are those of DDP; what differs: every 
 forward passes as the others (each one gathers weights: a collective), and state dicts are gathered
 in full (`full_state_dict`) before rank 0 writes them. 16-bit weights only (see `check_strategy`).
 
-`launch()` starts N processes through `torch.distributed.run` (torchrun): that is
-what `phikit train --gpus N` does.
+The `--gpus N` launcher that starts those processes through torchrun is launch.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 from ..errors import PhikitError
 
@@ -212,16 +206,23 @@ class Dist:
         return states
 
 
+def decoder_layers(model):
+    """The list of decoder layers of a transformers causal LM (its base model's `layers`, as
+    `model.model.layers` for Phi and Llama), or None."""
+    import torch
+
+    layers = getattr(getattr(model, "base_model", None), "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
 def _fully_shard(root, model):
     """FSDP2 over the loss module: each decoder layer (the model's `_no_split_modules`, as accelerate picks
     them) is its own unit, gathered only while it runs; the root holds the rest (embeddings, norm, head)."""
     from torch.distributed.fsdp import fully_shard
 
-    from .loop import _decoder_layers
-
     base = model.get_base_model()
     kinds = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in base.modules() if type(m).__name__ in kinds] or list(_decoder_layers(base) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in kinds] or list(decoder_layers(base) or [])
     # No MixedPrecisionPolicy: the weights keep their dtypes (16-bit frozen base, fp32 LoRA, as peft makes
     # them) and compute as in a single-process run, under the same autocast. FSDP2 gathers mixed dtypes
     # in one unit (tried: bf16 base + fp32 LoRA on 2 gloo processes).
@@ -237,49 +238,3 @@ def _fsdp_sync(root, sync: bool):
         yield
     finally:
         root.set_requires_gradient_sync(True)
-
-
-def launch(cfg, nproc: int, stop_after: int | None = None) -> int:
-    """Run `train(cfg)` in `nproc` processes through torchrun (one per GPU on CUDA, gloo processes on the CPU).
-
-    The config travels as a JSON file; rank 0 writes the results into cfg.out. Returns torchrun's exit status.
-    """
-    from .loop import check_inputs
-
-    if nproc < 1:
-        raise PhikitError("--gpus must be at least 1")
-    check_inputs(cfg)  # a bad data line or an existing run fails here, once, not in every process
-    if not cfg.device.startswith("cpu"):
-        import torch
-
-        if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-            raise PhikitError(f"--gpus {nproc}: only {torch.cuda.device_count()} CUDA GPU(s) visible; use --gpus {torch.cuda.device_count()} or fewer")
-    with tempfile.TemporaryDirectory(prefix="phikit-launch-") as d:
-        spec = Path(d) / "train.json"
-        spec.write_text(json.dumps({"config": cfg.to_dict(), "stop_after": stop_after}))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "phikit.cli.train", str(spec)]
-        env = dict(os.environ)
-        # torchrun sets OMP_NUM_THREADS=1 for several processes; on the CPU share the cores among them instead.
-        if "OMP_NUM_THREADS" not in env:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-        return subprocess.run(cmd, env=env).returncode
-
-
-def worker(spec_path: str) -> int:
-    """One process started by `launch()` (`python -m phikit.cli.train FILE`): read the launch file and train;
-    nothing is printed (the launcher reports from DIR/phikit.json)."""
-    import logging
-
-    from .config import TrainConfig
-    from .loop import train
-
-    logging.basicConfig(level=logging.WARNING, format=f"phikit[rank {os.environ.get('RANK', '0')}]: %(message)s", stream=sys.stderr)
-    spec = json.loads(Path(spec_path).read_text())
-    try:
-        train(TrainConfig(**spec["config"]), stop_after=spec["stop_after"])
-    except PhikitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-

@@ -21,7 +21,7 @@ from ..errors import DataError, PhikitError
 from .checkpoint import fsync_dir, fsync_file, list_checkpoints, load_checkpoint, save_checkpoint, write_text_atomic
 from .config import TrainConfig, check_config
 from .data import IGNORE, Tokenised, batch_order, collate, file_hash, read_examples, resolve_data_path
-from .distributed import Dist, check_strategy
+from .distributed import Dist, check_strategy, decoder_layers
 from .logs import TrainLog
 
 log = logging.getLogger("phikit")
@@ -75,7 +75,7 @@ def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str, process
     if offload and processes > 1:
         raise PhikitError("--offload-activations runs in one process only (its recompute happens inside the backward "
                           "call, where DDP/FSDP do not expect gradients); leave it off with --gpus / torchrun")
-    layers = _decoder_layers(model) if offload else None
+    layers = decoder_layers(model) if offload else None
     if offload and layers is None:
         log.warning("%s: no decoder layer list found, so activations are checkpointed on the GPU (not offloaded)", type(model).__name__)
         offload = False
@@ -100,15 +100,6 @@ def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str, process
         log.warning("--compile applies to the offloaded-activation path only (on with checkpointing on CUDA, one process); not compiling")
     model.train()
     return model, targets
-
-
-def _decoder_layers(model):
-    """The list of decoder layers of a transformers causal LM (its base model's `layers`, as
-    `model.model.layers` for Phi and Llama), or None."""
-    import torch
-
-    layers = getattr(getattr(model, "base_model", None), "layers", None)
-    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
 def _lora_targets(model, cfg: TrainConfig, spec) -> list[str]:

@@ -234,7 +234,7 @@ def kernel_rows(out: Path | None) -> None:
         w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         row = {"row": f"kernel M=1 {what} {n}x{k}", "copies": copies}
-        ms = triton.testing.do_bench_cudagraph(lambda: [torch.nn.functional.linear(x, wi) for wi in w], return_mode="median") / copies
+        ms = triton.testing.do_bench_cudagraph(lambda w=w: [torch.nn.functional.linear(x, wi) for wi in w], return_mode="median") / copies
         row["bf16_us"], row["bf16_GBps"] = round(ms * 1e3, 1), round(n * k * 2 / ms / 1e6)
         q, sc, ze = quantize_int4(w[0], 128)
         sz = torch.stack([sc, ze], dim=-1).transpose(0, 1).contiguous()

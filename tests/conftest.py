@@ -1,5 +1,4 @@
 import os
-import shutil
 from pathlib import Path
 
 # Without an NVIDIA GPU, Triton kernels (tests/test_int4_kernel.py) run under Triton's interpreter on

@@ -148,3 +148,19 @@ def test_data_with_nothing_to_learn_and_bad_utf8_fail_before_the_model_load(tiny
     with pytest.raises(PhikitError, match=r"latin\.jsonl:2: not valid UTF-8.*iconv"):
         train(_cfg(tiny_dirs["chatml"], latin, tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_adapter_loads_with_plain_peft_and_names_a_loadable_base(trained, tiny_dirs):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from phikit.models.registry import resolve
+    from phikit.train.loop import peft_base
+
+    out, _ = trained
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out))  # its base from adapter_config.json, nothing else given
+    assert model.peft_config["default"].base_model_name_or_path == str(tiny_dirs["chatml"])
+    assert AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids("<|im_end|>") is not None  # carried beside it
+    # The embedded default's folder holds only a GGUF, which peft cannot load: its adapters name the hub id.
+    assert peft_base(resolve("smollm2-135m")) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert peft_base(resolve(str(tiny_dirs["chatml"]))) is None

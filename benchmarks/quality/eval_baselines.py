@@ -1,10 +1,12 @@
 """Baselines of the embedded default model: SQuAD 2.0 eval (gold context) and GSM8K.
 
-    python benchmarks/eval_baselines.py [squad2] [gsm8k] [--limit N] [--threads T] [--shards S]
+    python benchmarks/quality/eval_baselines.py [squad2] [gsm8k] [--limit N] [--threads T] [--shards S]
+        [--out benchmarks/results/eval_baselines.jsonl] [--records benchmarks/results]
 
-Writes benchmarks/results/eval_<task>_<suffix>.json (the full results file:
-meta with run time, metrics, per-item records) and prints one JSON object
-per measurement. Defaults: all 1,071 SQuAD questions, the first 200 GSM8K
+One JSON row per task (the headline metrics) on stdout (and appended to --out as JSON lines);
+with --records DIR, also each task's full results file, DIR/eval_<task>_<suffix>.json (phikit
+eval's own format: meta with run time, metrics, per-item records; what `phikit eval report`
+reads). Defaults: all 1,071 SQuAD questions, the first 200 GSM8K
 problems (with the reasoning prompt), greedy decoding, llama.cpp on the CPU.
 `--shards S` runs SQuAD as S processes over disjoint slices of the questions
 (`--threads` each) and merges them, scored over the union (run_s is then
@@ -20,9 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import DATA, add_out, emit  # noqa: E402
+
 SQUAD_KEYS = ("exact", "f1", "total", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "abstain_precision",
               "abstain_recall", "hallucination_rate", "unsupported_answer_rate", "latency_p50_s", "latency_p95_s", "tokens_per_s")
 GSM8K_KEYS = ("accuracy", "total", "no_answer_rate", "latency_p50_s", "latency_p95_s", "tokens_per_s")
@@ -41,7 +43,7 @@ def sharded_squad(args, data: Path) -> dict:
         for i in range(args.shards):
             shard = Path(tmp) / f"shard{i}.json"
             shard.write_text(json.dumps({"version": "v2.0", "data": squad.restrict(dataset, set(qids[i * size:(i + 1) * size]))}))
-            cmd = [sys.executable, __file__, "squad2", "--squad-file", str(shard), "--results", tmp, "--suffix", f"shard{i}"]
+            cmd = [sys.executable, __file__, "squad2", "--squad-file", str(shard), "--records", tmp, "--suffix", f"shard{i}"]
             procs.append(subprocess.Popen(cmd + (["--threads", str(args.threads)] if args.threads else []), stdout=subprocess.DEVNULL))
         if any(p.wait() for p in procs):
             raise SystemExit("a shard failed; see its output above")
@@ -52,7 +54,7 @@ def sharded_squad(args, data: Path) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("tasks", nargs="*", default=["squad2", "gsm8k"], choices=["squad2", "gsm8k"])
     ap.add_argument("--limit", type=int, default=None, help="questions per task (default: squad2 all, gsm8k 200)")
     ap.add_argument("--suffix", default="baseline")
@@ -60,7 +62,9 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=1, help="SQuAD: parallel processes over disjoint slices")
     ap.add_argument("--data-dir", type=Path, default=DATA)
     ap.add_argument("--squad-file", type=Path, default=None, help="SQuAD file (default: DATA_DIR/squad_v2/eval.json)")
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--records", type=Path, default=None, metavar="DIR",
+                    help="also write each task's full results file (phikit eval's format) as DIR/eval_<task>_<suffix>.json")
+    add_out(ap)
     args = ap.parse_args()
 
     import phikit
@@ -82,10 +86,10 @@ def main() -> int:
             res = evaluate(phikit.load(threads=args.threads), args.data_dir / "gsm8k" / "test.jsonl", limit=args.limit or 200, reason=True)
             keys = GSM8K_KEYS
         res["meta"]["threads_per_process"], res["meta"]["processes"] = args.threads, args.shards if task == "squad2" else 1
-        write_json(args.results / f"eval_{task}_{args.suffix}.json", res)
-        out = {"task": task, "model": res["meta"]["model"], "backend": res["meta"]["backend"], "run_s": res["meta"]["run_s"],
-               "threads": args.threads, "processes": res["meta"]["processes"], **{k: res["metrics"].get(k) for k in keys}}
-        print(json.dumps(out), flush=True)
+        if args.records:
+            write_json(args.records / f"eval_{task}_{args.suffix}.json", res)
+        emit({"task": task, "model": res["meta"]["model"], "backend": res["meta"]["backend"], "run_s": res["meta"]["run_s"],
+              "threads": args.threads, "processes": res["meta"]["processes"], **{k: res["metrics"].get(k) for k in keys}}, args.out)
     return 0
 
 

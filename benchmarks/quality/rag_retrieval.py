@@ -1,9 +1,10 @@
 """Retrieval quality on SQuAD 2.0 eval: every paragraph is a document, each answerable
-question's gold paragraph is the target. Prints one JSON object per mode (recall@1,
+question's gold paragraph is the target. One JSON row for the ingest, one per mode (recall@1,
 recall@5, MRR@10, ranking by document) and one for the abstention gate (top-chunk cosine
-of on-topic, unanswerable and off-topic questions against each threshold).
+of on-topic, unanswerable and off-topic questions against each threshold), on stdout (and
+appended to --out as JSON lines).
 
-    python benchmarks/rag_retrieval.py [--data ../shared/data] [--out benchmarks/results/rag_retrieval.json]
+    python benchmarks/quality/rag_retrieval.py [--data ../shared/data] [--out benchmarks/results/rag_retrieval.jsonl]
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import DATA, add_out, emit  # noqa: E402
 
 
 def paragraphs(path: Path):
@@ -26,9 +28,9 @@ def paragraphs(path: Path):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rag_retrieval.json"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(DATA))
+    add_out(ap)
     ap.add_argument("--offtopic", type=int, default=500, help="questions from train.json (other articles) used as off-topic")
     args = ap.parse_args()
     import numpy as np
@@ -42,7 +44,6 @@ def main() -> int:
     answerable = [(q["question"], src) for src, p in corpus for q in p["qas"] if not q["is_impossible"]]
     impossible = [q["question"] for _, p in corpus for q in p["qas"] if q["is_impossible"]]
     offtopic = [q["question"] for _, p in paragraphs(data / "train.json") for q in p["qas"]][: args.offtopic]
-    results = []
     emb = Embedder()
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(tmp, create=True)
@@ -53,7 +54,7 @@ def main() -> int:
         q_embed_ms = (time.perf_counter() - t0) / len(answerable) * 1000
         common = {"corpus_paragraphs": len(corpus), "chunks": store.count(), "questions": len(answerable),
                   "embedder": emb.name, "chunk_size": store.meta.chunk_size, "overlap": store.meta.overlap}
-        print(json.dumps({"measure": "ingest", **common, "embed_s": round(s.embed_s, 2), "chunks_per_s": round(s.chunks_per_s, 1)}))
+        emit({"measure": "ingest", **common, "embed_s": round(s.embed_s, 2), "chunks_per_s": round(s.chunks_per_s, 1)}, args.out)
         for mode in ("dense", "bm25", "hybrid"):
             ranks, lat = [], []
             for (q, gold), v in zip(answerable, qv):
@@ -68,8 +69,7 @@ def main() -> int:
                  "mrr@10": round(float(np.mean([1 / x if x is not None and x <= 10 else 0 for x in ranks])), 4),
                  "retrieve_ms_p50_excl_query_embedding": round(float(np.percentile(lat, 50)) * 1000, 2),
                  "query_embedding_ms_batched": round(q_embed_ms, 2)}
-            results.append(r)
-            print(json.dumps(r), flush=True)
+            emit(r, args.out)
         # The gate: best dense cosine per question, for questions whose answer is in the corpus,
         # questions about the corpus's topics with no answer (SQuAD "impossible"), and off-topic ones.
         top = {}
@@ -81,11 +81,8 @@ def main() -> int:
                 "top_cosine_p05_p50_p95": {k: [round(float(x), 3) for x in np.percentile(v, [5, 50, 95])] for k, v in top.items()},
                 "fraction_gated_by_threshold": {str(t): {k: round(float(np.mean(v < t)), 4) for k, v in top.items()}
                                                 for t in (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)}}
-        results.append(gate)
-        print(json.dumps(gate), flush=True)
+        emit(gate, args.out)
         store.close()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

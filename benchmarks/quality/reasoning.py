@@ -1,10 +1,11 @@
 """Reasoning accuracy with and without --reason: the tutorial maths questions and GSM8K.
 
-    python benchmarks/reasoning.py --limit 200            # GSM8K first 200 + the 4 tutorial questions
-    python benchmarks/reasoning.py --limit 20 --out /tmp/r.json
+    python benchmarks/quality/reasoning.py --limit 200 --out benchmarks/results/reasoning.jsonl   # GSM8K first 200 + the 4 tutorial questions
+    python benchmarks/quality/reasoning.py --limit 20
 
-Prints one JSON object per (set, mode) and writes all of them, plus every
-item's answer, to --out (default benchmarks/results/reasoning.json). Greedy
+Rows: one "run" row (model, settings, date), one summary per (set, mode) on stdout, and with
+--out, all of them plus one "item" row per question and mode (its answer; file only),
+appended as JSON lines after each part, so a long run that is stopped keeps what it measured. Greedy
 decoding; the same answer extraction (`phikit.chat.extract_answer`) in both
 modes, so the modes differ only in the instruction. GSM8K gold is the number
 after `####`, compared numerically after removing commas.
@@ -20,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import DATA, add_out, emit  # noqa: E402
+
+GSM8K = DATA / "gsm8k" / "test.jsonl"
 
 # The four questions of the tutorials this project grew from. The first has gold 11:43 (11:42:51):
 # by 10:00 the first train has covered 60 of the 300 miles, and 240 / (60 + 80) h = 1 h 42.9 min.
@@ -85,35 +88,27 @@ def summary(set_name: str, rows: list[dict], model, reason: bool) -> dict:
             "seconds": round(sum(r["seconds"] for r in rows), 1)}
 
 
-def write(out: Path, doc: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out)  # atomic: an interrupted run never leaves half a file
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=200, help="GSM8K questions (first N of the test split)")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M on llama.cpp")
     ap.add_argument("--max-tokens", type=int, default=320)
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: one per core)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reasoning.json"))
+    add_out(ap)
     args = ap.parse_args()
     import phikit
 
     model = phikit.load(args.model, threads=args.threads)
     sets = {"tutorial": TUTORIAL, "gsm8k": gsm8k(args.limit)}
-    doc = {"model": model.name, "backend": model.backend.name, "limit": args.limit, "max_tokens": args.max_tokens,
-           "threads": args.threads or os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": [], "items": []}
+    emit({"row": "run", "benchmark": "reasoning", "model": model.name, "backend": model.backend.name, "limit": args.limit,
+          "max_tokens": args.max_tokens, "threads": args.threads or os.cpu_count(),
+          "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, args.out)
     for name, qs in sets.items():
         for reason in (False, True):
             rows = run(model, qs, reason, args.max_tokens)
-            s = summary(name, rows, model, reason)
-            print(json.dumps(s), flush=True)
-            doc["results"].append(s)
-            doc["items"] += [{"set": name, **r} for r in rows]
-            write(Path(args.out), doc)  # after each part, so a long run that is stopped keeps what it measured
+            emit(summary(name, rows, model, reason), args.out)
+            for r in rows:
+                emit({"row": "item", "set": name, **r}, args.out, echo=False)
     return 0
 
 

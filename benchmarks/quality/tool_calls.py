@@ -1,7 +1,7 @@
 """Tool-call success on a suite of 33 prompts, per chat format.
 
-    python benchmarks/tool_calls.py                 # all formats, the embedded model in auto and required modes
-    python benchmarks/tool_calls.py --skip-model    # only the parser/renderer paths (fast)
+    python benchmarks/quality/tool_calls.py --out benchmarks/results/tool_calls.jsonl   # all formats, the embedded model in auto and required modes
+    python benchmarks/quality/tool_calls.py --skip-model    # only the parser/renderer paths (fast)
 
 For each prompt three things are scored: the right tool was called first, with
 the right arguments (a calculator expression counts when it evaluates to the
@@ -16,7 +16,8 @@ right value), and the final answer contains the right result.
   fed token by token through the real tokenizer, stream, renderer, parser and
   tool loop. This checks the plumbing, not a model's skill.
 
-Prints one JSON object per (format, mode); writes them and every item to --out.
+Rows: one "run" row, one summary per (format, mode) on stdout, and with --out, all of them plus
+one "item" row per prompt (file only), appended as JSON lines as each part ends.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import ROOT, add_out, emit  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))  # tiny.py builds the tiny random models
 
 
@@ -184,7 +187,7 @@ def scripted_run(model, item, reply_call: str, tool_list):
     return r, rendered_ok
 
 
-def run_formats(rows_out: list, summaries: list) -> None:
+def run_formats(out: Path | None) -> None:
     import phikit
     from tiny import build_model_dir
 
@@ -202,12 +205,12 @@ def run_formats(rows_out: list, summaries: list) -> None:
                 rows.append(row)
             s = summarise(fam, f"tiny-{fam}", "crafted", rows, time.perf_counter() - t0)
             s["rendered_ok"] = sum(r["rendered_ok"] for r in rows)
-            print(json.dumps(s), flush=True)
-            summaries.append(s)
-            rows_out += rows
+            emit(s, out)
+            for r in rows:
+                emit({"row": "item", **r}, out, echo=False)
 
 
-def run_model(rows_out: list, summaries: list, model, modes: list[str], stride: int, save) -> None:
+def run_model(out: Path | None, model, modes: list[str], stride: int) -> None:
     from phikit.chat import collect, run_tools
 
     m = model
@@ -219,11 +222,9 @@ def run_model(rows_out: list, summaries: list, model, modes: list[str], stride: 
             row = score(item, r)
             row.update(format=m.fmt.name, mode=mode)
             rows.append(row)
-        s = summarise(m.fmt.name, m.name, mode, rows, time.perf_counter() - t0)
-        print(json.dumps(s), flush=True)
-        summaries.append(s)
-        rows_out += rows
-        save()
+        emit(summarise(m.fmt.name, m.name, mode, rows, time.perf_counter() - t0), out)
+        for r in rows:
+            emit({"row": "item", **r}, out, echo=False)
 
 
 def main() -> int:
@@ -234,25 +235,16 @@ def main() -> int:
     ap.add_argument("--skip-model", action="store_true", help="only the crafted-output runs on tiny models")
     ap.add_argument("--skip-formats", action="store_true", help="only the real model run")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: one per core)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tool_calls.json"))
+    add_out(ap)
     args = ap.parse_args()
-    rows, summaries = [], []
-    out = Path(args.out)
-
-    def save() -> None:  # after each part, so a stopped run keeps what it measured; atomic
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "suite": len(SUITE),
-                                   "stride": args.stride, "results": summaries, "items": rows}, indent=1, default=str))
-        tmp.replace(out)
-
+    emit({"row": "run", "benchmark": "tool_calls", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "suite": len(SUITE),
+          "stride": args.stride}, args.out)
     if not args.skip_formats:
-        run_formats(rows, summaries)
-        save()
+        run_formats(args.out)
     if not args.skip_model:
         import phikit
 
-        run_model(rows, summaries, phikit.load(args.model, threads=args.threads), args.modes.split(","), args.stride, save)
+        run_model(args.out, phikit.load(args.model, threads=args.threads), args.modes.split(","), args.stride)
     return 0
 
 

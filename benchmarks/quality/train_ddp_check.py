@@ -4,13 +4,14 @@ On one GPU: `--nproc 1` launches one torchrun process, so the run goes through t
 group, DDP's forward and gradient all-reduce, no_sync, the RNG gather and the rank-0 writes, all
 with a world of 1. On the CPU: `--nproc 2` runs 2 gloo processes (what the tests do).
 
-    python benchmarks/train_ddp_check.py                      # CUDA: nproc 1, 16-bit and NF4
-    python benchmarks/train_ddp_check.py --device cpu --nproc 2
-    python benchmarks/train_ddp_check.py --strategy fsdp        # FSDP2 (16-bit), world of 1 on CUDA
+    python benchmarks/quality/train_ddp_check.py                      # CUDA: nproc 1, 16-bit and NF4
+    python benchmarks/quality/train_ddp_check.py --device cpu --nproc 2
+    python benchmarks/quality/train_ddp_check.py --strategy fsdp        # FSDP2 (16-bit), world of 1 on CUDA
 
 A tiny random Phi-3 model (tests/tiny.py), examples/zorblax_facts.jsonl, LoRA dropout 0 (so both
 runs draw no random masks). The one-process reference runs twice, to show the run-to-run noise
-of the device (CUDA bf16 kernels need not be bit-reproducible). One JSON object per quantisation:
+of the device (CUDA bf16 kernels need not be bit-reproducible). One JSON row per quantisation on
+stdout (and appended to --out as JSON lines, e.g. benchmarks/results/train_ddp_check_h100.jsonl):
 per-step losses of both, the largest loss and adapter-weight differences, wall times.
 """
 
@@ -23,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import ROOT, add_out, emit  # noqa: E402
 
 
 def _losses(out: Path) -> list[float]:
@@ -38,12 +40,13 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--quant", nargs="*", help="none and/or nf4 [both on CUDA, none on the CPU]")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="fsdp: 16-bit only (QLoRA + FSDP is refused)")
+    add_out(ap)
     args = ap.parse_args()
 
     import torch
@@ -83,7 +86,7 @@ def main() -> None:
                            max_adapter_diff=_max_diff(ref, ddp), ref_vs_ref_adapter_diff=_max_diff(ref, ref2))
             except Exception as e:  # one quantisation failing (e.g. no bitsandbytes) still reports the others
                 row["error"] = f"{type(e).__name__}: {e}"
-            print(json.dumps(row), flush=True)
+            emit(row, args.out)
 
 
 if __name__ == "__main__":

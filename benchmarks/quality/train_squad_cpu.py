@@ -14,27 +14,28 @@ learns to abstain on everything (HasAns F1 13 -> 2):
   conversation (squad_questions_per_context=4: the first in the grounded prompt,
   the rest as follow-up turns), which paid for HasAns F1 40 with a third of the
   tokens that one question per example needed for 42 (GPU search,
-  benchmarks/squad_recipe_search.py, results/squad_recipe_search_h100.jsonl);
+  benchmarks/research/squad_recipe_search.py, results/squad_recipe_search_h100.jsonl);
 - a high learning rate (2e-3, fine for a 135M model with r=16) and paragraphs of
   at most 150 words (eval.json's median is 115).
 
-    python benchmarks/train_squad_cpu.py [--examples 400] [--eval-limit 100] [--threads 1] [--skip-before] [--eval-only DIR]
+    python benchmarks/quality/train_squad_cpu.py [--examples 400] [--eval-limit 100] [--threads 1] [--skip-before]
+        [--adapter-dir runs/squad-cpu] [--skip-train] [--out benchmarks/results/train_squad_cpu.jsonl]
 
-Prints one JSON object per measurement and writes them all to
-benchmarks/results/train_squad_cpu.json.
+One JSON row per measurement (before, train, after) on stdout (and appended to --out as JSON lines).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "squad_v2"
-RESULTS = ROOT / "benchmarks" / "results" / "train_squad_cpu.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import DATA, ROOT, add_out, emit  # noqa: E402
+
+SHARED = DATA / "squad_v2"
 
 RECIPE_FILE = ROOT / "examples" / "squad_cpu_recipe.yaml"  # the recipe, in the form users run it
 
@@ -51,26 +52,18 @@ def scores(m, limit: int) -> dict:
                                                       "sample": [{"q": r["question"], "gold": r["gold"][:1], "reply": r["reply"]} for r in res["records"][:6]]}
 
 
-def emit(rows: list, row: dict) -> None:
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    os.replace(tmp, RESULTS)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=400, help="training conversations (after 2:1 balancing and grouping)")
     ap.add_argument("--eval-limit", type=int, default=100, help="eval.json questions to score (0: none, score elsewhere)")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "squad-cpu"))
+    ap.add_argument("--adapter-dir", default=str(ROOT / "runs" / "squad-cpu"), help="where the adapter is trained (and read by --skip-train)")
     ap.add_argument("--skip-before", action="store_true", help="do not score the base model")
-    ap.add_argument("--skip-train", action="store_true", help="score the adapter already in --out")
+    ap.add_argument("--skip-train", action="store_true", help="score the adapter already in --adapter-dir")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--max-context-words", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster when the cores are contended)")
+    add_out(ap)
     args = ap.parse_args()
     import torch
 
@@ -79,18 +72,17 @@ def main() -> None:
 
     import phikit
 
-    # A training run starts the results file afresh; scoring an existing adapter adds to it.
-    rows: list = json.loads(RESULTS.read_text()) if RESULTS.is_file() and args.skip_train else []
     # One load for all three stages: train() injects LoRA into this model in place.
-    m = phikit.load(backend="transformers", device="cpu", adapter=args.out if args.skip_train else None)
+    m = phikit.load(backend="transformers", device="cpu", adapter=args.adapter_dir if args.skip_train else None)
     if not args.skip_before and not args.skip_train and args.eval_limit:
-        emit(rows, {"measure": "before", "model": "smollm2-135m (transformers, fp32, cpu)", "eval_limit": args.eval_limit, **scores(m, args.eval_limit)})
+        emit({"measure": "before", "model": "smollm2-135m (transformers, fp32, cpu)", "eval_limit": args.eval_limit, **scores(m, args.eval_limit)},
+             args.out)
     if not args.skip_train:
         from phikit.train import make_config, train
 
         from phikit.train.config import read_config_file
 
-        recipe = dict(read_config_file(RECIPE_FILE), data=str(SHARED / "train.json"), limit=args.examples, out=args.out,
+        recipe = dict(read_config_file(RECIPE_FILE), data=str(SHARED / "train.json"), limit=args.examples, out=args.adapter_dir,
                       resume=args.resume, progress=False)
         if args.lr:
             recipe["lr"] = args.lr
@@ -98,12 +90,12 @@ def main() -> None:
             recipe["squad_max_context_words"] = args.max_context_words
         t0 = time.perf_counter()
         summary = train(make_config(**recipe), loaded=m)
-        emit(rows, {"measure": "train", "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
+        emit({"measure": "train", "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
                     "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
                     **{k: summary[k] for k in ("steps", "tokens", "train_s", "tokens_per_s", "final_train_loss", "eval_loss")},
-                    "recipe": {k: v for k, v in recipe.items() if k not in ("data", "out")}, "examples": summary["data"]})
+                    "recipe": {k: v for k, v in recipe.items() if k not in ("data", "out")}, "examples": summary["data"]}, args.out)
     if args.eval_limit:
-        emit(rows, {"measure": "after", "adapter": args.out, "eval_limit": args.eval_limit, **scores(m, args.eval_limit)})
+        emit({"measure": "after", "adapter": args.adapter_dir, "eval_limit": args.eval_limit, **scores(m, args.eval_limit)}, args.out)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,22 @@ the ROC AUC of each score (1.0 = a threshold separates the two kinds perfectly, 
 the best abstention rate on unanswerable questions reachable while abstaining on at most 38% of
 the answerable ones (what HasAns F1 >= 40 allows when answered questions score ~65 F1).
 
-    python benchmarks/squad_abstain_auc.py --adapter runs/squad --limit 400 --out benchmarks/results/squad_abstain_auc.json
+    python benchmarks/research/squad_abstain_auc.py --adapter runs/squad --limit 400 --out benchmarks/results/squad_abstain_auc.jsonl
+
+One JSON row on stdout (and appended to --out as a JSON line).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import DATA, ROOT, add_out, emit  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "src"))
 
 
 def auc(pos: list[float], neg: list[float]) -> float:
@@ -37,11 +41,11 @@ def best_recall(pos: list[float], neg: list[float], max_fpr: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/squad_v2/eval.json"))
+    ap.add_argument("--data", default=str(DATA / "squad_v2" / "eval.json"))
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path)
+    add_out(ap)
     args = ap.parse_args()
 
     import torch
@@ -71,9 +75,7 @@ def main() -> None:
         neg = [r[key] for r in rows if r["has_answer"]]
         result[f"auc_{key}"] = round(auc(pos, neg), 4)
         result[f"noans_recall_at_38pct_hasans_abstain_{key}"] = round(best_recall(pos, neg, 0.38), 4)
-    print(json.dumps(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

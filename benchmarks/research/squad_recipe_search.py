@@ -3,25 +3,28 @@
 Each config: a fresh load of the embedded SmolLM2-135M (transformers, fp32, from the
 GGUF, as on the CPU), LoRA training with `phikit.train` (TrainConfig overrides from the
 config), then SQuAD 2.0 scores on eval.json (batched generation). fp32 on both
-machines, so what wins here is what the CPU recipe then runs (benchmarks/train_squad_cpu.py);
+machines, so what wins here is what the CPU recipe then runs (benchmarks/quality/train_squad_cpu.py);
 only the final recipe's CPU run counts as the result. tokens/step and steps are printed
 so the CPU time of a config can be estimated from the CPU's measured tokens/s.
 
-    python benchmarks/squad_recipe_search.py --device cuda --configs '[{"limit": 800, "lr": 1e-3}]' [--eval-limit N]
+    python benchmarks/research/squad_recipe_search.py --device cuda --configs '[{"limit": 800, "lr": 1e-3}]' [--eval-limit N]
+        [--out $OUT/squad_recipe_search.jsonl]
 
-Prints one JSON object per config (and writes them to --out, default $OUT/recipe_search.jsonl).
+One JSON row per config on stdout (and appended to --out as JSON lines).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "squad_v2"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import DATA, add_out, emit  # noqa: E402
+
+SHARED = DATA / "squad_v2"
 BASE = dict(data=str(SHARED / "train.json"), quant="none", squad_answerable_ratio=2.0, squad_max_context_words=90,
             epochs=1, lr=1e-3, micro_batch=4, grad_accum=2, max_seq=1024, val_split=0.03, save_every=0, progress=False)
 KEEP = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "total", "hallucination_rate", "abstain_rate")
@@ -34,7 +37,7 @@ def main() -> None:
     ap.add_argument("--data-root", default=str(SHARED), help="folder with train.json and eval.json")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "recipe_search.jsonl"))
+    add_out(ap)
     args = ap.parse_args()
     import phikit
     from phikit.eval.squad import evaluate
@@ -57,9 +60,7 @@ def main() -> None:
         res = evaluate(m, root / "eval.json", limit=args.eval_limit, progress=False, batch_size=args.batch_size)
         row["eval"] = {k: round(res["metrics"][k], 2) for k in KEEP if k in res["metrics"]} | {"eval_s": round(time.perf_counter() - t1, 1)}
         row["wall_s"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
         del m
 
 

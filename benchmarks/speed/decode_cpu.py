@@ -1,22 +1,25 @@
 """CPU decoding on the embedded default model: phikit's path beside plain
 llama-cpp-python and plain transformers `generate`, in the same run.
 
-Prints one JSON object per row and writes them to benchmarks/results/decode_cpu.json.
+One JSON row per path on stdout (and appended to --out as JSON lines).
 Runs are interleaved (phikit, raw llama.cpp, phikit, ...) so that load on the
 machine hits both paths alike; figures are medians over --reps.
 
-    python benchmarks/decode_cpu.py [--reps 5] [--max-tokens 128] [--no-transformers]
+    python benchmarks/speed/decode_cpu.py [--reps 5] [--max-tokens 128] [--no-transformers] [--out benchmarks/results/decode_cpu.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import add_out, emit  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
@@ -67,18 +70,19 @@ def median_row(name, runs, load_s):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-transformers", action="store_true")
+    add_out(ap)
     args = ap.parse_args()
 
     import llama_cpp
 
     import phikit
-    from phikit.models.registry import _embedded_gguf
+    from phikit.models.registry import embedded_gguf
 
-    gguf = _embedded_gguf()
+    gguf = embedded_gguf()
     t0 = time.perf_counter()
     model = phikit.load()
     phikit_load = time.perf_counter() - t0
@@ -113,10 +117,7 @@ def main() -> None:
                  "machine": f"{platform.machine()} {os.cpu_count()} cores", "llama_cpp": llama_cpp.__version__,
                  "phikit": phikit.__version__, "max_tokens": args.max_tokens})
     for r in rows:
-        print(json.dumps(r))
-    out = Path(__file__).parent / "results" / "decode_cpu.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+        emit(r, args.out)
 
 
 if __name__ == "__main__":

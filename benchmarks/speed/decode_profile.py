@@ -1,6 +1,6 @@
 """Where the int4 decode step's time goes, and what the attention alternatives cost (H100, Phi-4-mini shape).
 
-1. Builds the random Phi-4-mini-shaped int4 model of decode_speed.py and, for
+1. Builds the random Phi-4-mini-shaped int4 model of decode_speed.py (beside it) and, for
    each attention implementation in --variants, a StaticDecoder (512-slot
    cache, decode graph only: compile + CUDA graph). For each: GPU time of one
    step (graph replays back to back), its logits over a fixed 32-token
@@ -13,16 +13,15 @@
    masked SDPA), SDPA with enable_gqa, SDPA over the query heads grouped per
    key/value head, matmul + softmax, flex_attention, and phikit's Triton kernel.
 
-One JSON object per row on stdout and in --out (a JSON list).
+One JSON row per measurement on stdout (per-kernel lists left out) and, whole, appended to --out as JSON lines.
 
-    PYTHONPATH=src python benchmarks/decode_profile.py --out /tmp/decode_profile.json
+    python benchmarks/speed/decode_profile.py --out benchmarks/results/decode_profile_h100.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import re
 import sys
 import time
@@ -30,19 +29,19 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+import common  # noqa: E402
 
-ROWS: list[dict] = []
+sys.path.insert(0, str(common.ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_speed.py
+
 OUT: Path | None = None
 
 
 def emit(row: dict) -> None:
-    ROWS.append(row)
-    print(json.dumps({k: ({g: x["us_per_step"] for g, x in v["groups"].items()} if k.startswith("profile") else v)
-                      for k, v in row.items()}), flush=True)  # the per-kernel lists go to --out only
-    if OUT:
-        OUT.write_text(json.dumps(ROWS, indent=1) + "\n")
+    # on stdout each profile shortened to its groups' times: the per-kernel lists go to --out only
+    short = {k: ({g: x["us_per_step"] for g, x in v["groups"].items()} if k.startswith("profile") else v) for k, v in row.items()}
+    common.emit(row, OUT, echo=short)
 
 
 GROUPS = (  # first match wins; inductor names its kernels (triton_*) after the aten ops it fused
@@ -244,7 +243,7 @@ def attention_alone(layers: int = 32, filled: int = 256) -> None:
 def main(argv: list[str] | None = None) -> int:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path)
+    common.add_out(ap)
     ap.add_argument("--variants", default="sdpa,phikit_decode",
                     help="whole-step rows: attention[:slots per Triton program][+cdt][+combo]; the first is the logits reference")
     ap.add_argument("--skip", default="", help="comma-separated: decoders,attention")

@@ -3,15 +3,15 @@
 Builds a random checkpoint of the Phi-4-mini shape on the GPU (Phi3ForCausalLM,
 hidden 3072, 32 layers, 24/8 heads, intermediate 8192, vocab 200064, tied
 embeddings, partial rotary 0.75), a random 128-token prompt, and decodes 256
-new tokens greedily on each path. One JSON object per row on stdout (and in
---out as a JSON list): tokens/s (decode rate, tokens after the first over the
+new tokens greedily on each path. One JSON row per measurement on stdout (and
+appended to --out as JSON lines): tokens/s (decode rate, tokens after the first over the
 time they took), ttft_ms (request start to first token), weights and peak
 extra GPU memory, and whether the greedy tokens equal the reference path's
 (the stock loop over the same weights; for int4, the same int4 weights
 dequantised to bf16).
 
-    PYTHONPATH=src python benchmarks/decode_speed.py --out benchmarks/results/decode_speed_h100.json
-    PYTHONPATH=src python benchmarks/decode_speed.py --tiny     # CPU, tiny model: checks the script itself
+    python benchmarks/speed/decode_speed.py --out benchmarks/results/decode_speed_h100.jsonl
+    python benchmarks/speed/decode_speed.py --tiny              # CPU, tiny model: checks the script itself
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import statistics
 import sys
@@ -29,18 +28,16 @@ import traceback
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+import common  # noqa: E402
 
-ROWS: list[dict] = []
+sys.path.insert(0, str(common.ROOT / "src"))
+
+ROWS: list[dict] = []  # this run's rows, for the summary at the end
 
 
 def emit(row: dict, out: Path | None) -> None:
-    ROWS.append(row)
-    print(json.dumps(row), flush=True)
-    if out:
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ROWS, indent=1) + "\n")
-        tmp.replace(out)
+    ROWS.append(common.emit(row, out))
 
 
 def env_info(dev: str) -> dict:
@@ -221,7 +218,7 @@ def kernel_rows(out: Path | None) -> None:
 
     Weights rotate over enough copies to exceed the L2 cache, so each call reads its weight from memory.
     Timed as CUDA-graph replays (as the decode path runs them), so host launch work does not count.
-    benchmarks/int4_gemv.py has the fuller comparison, with phikit's Triton kernels.
+    benchmarks/speed/int4_gemv.py has the fuller comparison, with phikit's Triton kernels.
     """
     import torch
     import triton.testing
@@ -252,7 +249,7 @@ def kernel_rows(out: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script, not speed)")
-    ap.add_argument("--out", type=Path, help="write all rows here as a JSON list")
+    common.add_out(ap)
     ap.add_argument("--prompt-tokens", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma-separated rows to skip: kernels,stock,phikit-stock,int4,bf16-fast,static-compile,nf4")
@@ -272,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     fast = dev == "cuda"  # compile + CUDA graph only on CUDA; on CPU the same decoder runs eagerly
     reps = 3 if fast else 1
     out = a.out
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
     emit({**env_info(dev), "prompt_tokens": n_prompt, "new_tokens": n_new, "batch": 1, "sampling": "greedy"}, out)
 
     model = build_model(a.tiny, dev)

@@ -1,16 +1,16 @@
 """Export time and output size per format, for the embedded default (SmolLM2-135M, from
-its Q4_1 GGUF) and a tiny random Phi-3 model. One JSON object per measurement on
-stdout; with --write, also all of them to benchmarks/results/export.json.
+its Q4_1 GGUF) and a tiny random Phi-3 model. One JSON row per measurement on
+stdout (and appended to --out as JSON lines).
 
-    python benchmarks/export.py [--write] [--only tiny|embedded] [--formats gptq] [--threads 1]
+    python benchmarks/speed/export.py [--only tiny|embedded] [--formats gptq] [--threads 1] [--out benchmarks/results/export.jsonl]
 
 Each measurement is one `phikit.export.export()` call, as `phikit export` runs it:
 load + merge + write. 4-bit GGUFs are also scored: top-1 agreement with the
 source model on a few prompts, and relative RMS logit error (llama.cpp vs transformers).
 GPTQ exports (AutoRound, calibrated on the shared SQuAD 2.0 train set, settings in
 GPTQ_SETTINGS) are loaded back with transformers + AutoRoundConfig and scored by top-1
-agreement with the fp32 source over every position of 4 chat prompts. --write replaces
-the rows it measured in results/export.json and keeps the others.
+agreement with the fp32 source over every position of 4 chat prompts. Runs append: in
+results/export.jsonl the last row of a (model, format, quant, settings) is the current one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import ROOT, add_out, emit  # noqa: E402
+
 CASES = [("merged", None), ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_0"), ("gguf", "q4_k_m"), ("ollama", "q4_k_m")]
 # Small enough to finish on a 2-core CPU (auto-round's defaults are iters 200, nsamples 128, seqlen 2048);
 # SmolLM2's width 576 is not a multiple of 128, hence group 64.
@@ -77,8 +79,8 @@ def gptq_fidelity(model_arg: str | None, out: Path) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--write", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_out(ap)
     ap.add_argument("--only", choices=["tiny", "embedded"])
     ap.add_argument("--formats", default="merged,gguf,ollama,gptq", help="comma-separated formats to measure")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -94,7 +96,6 @@ def main() -> int:
 
     from phikit.export import export
 
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         models = []
@@ -122,15 +123,7 @@ def main() -> int:
                     row.update(gptq_fidelity(model_arg, out))
                 if fmt == "gguf" and quant != "f16":
                     row.update(fidelity(model_arg, out))
-                print(json.dumps(row), flush=True)
-                results.append(row)
-    if args.write:
-        path = ROOT / "benchmarks" / "results" / "export.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = lambda r: (r["model"], r["format"], r["quant"], json.dumps(r.get("settings")))  # noqa: E731
-        new = {key(r) for r in results}
-        old = json.loads(path.read_text()) if path.is_file() else []
-        path.write_text(json.dumps([r for r in old if key(r) not in new] + results, indent=1) + "\n")
+                emit(row, args.out)
     return 0
 
 

@@ -7,20 +7,22 @@ for tinygemm, dequantise + cuBLAS, and bf16 cuBLAS. GB/s counts the bytes a
 call must read (int4 codes + scales and zeros, or the bf16 weight). Weights
 rotate over enough copies to exceed the 50 MB L2, so each call reads from
 memory. Also checks each path against the float64 product with the
-dequantised weight. One JSON object per row on stdout (and --out as a list).
+dequantised weight. One JSON row per measurement on stdout (and appended to --out as JSON lines).
 
-    PYTHONPATH=src python benchmarks/int4_gemv.py --out /tmp/int4_gemv.json [--sweep]
+    python benchmarks/speed/int4_gemv.py --out benchmarks/results/int4_gemv_h100.jsonl [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+import common  # noqa: E402
+
+sys.path.insert(0, str(common.ROOT / "src"))
 
 SHAPES = ((5120, 3072, "qkv_proj"), (3072, 3072, "o_proj"), (16384, 3072, "gate_up_proj"), (3072, 8192, "down_proj"),
           (200064, 3072, "lm_head"))
@@ -28,7 +30,7 @@ SHAPES = ((5120, 3072, "qkv_proj"), (3072, 3072, "o_proj"), (16384, 3072, "gate_
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path)
+    common.add_out(ap)
     ap.add_argument("--sweep", action="store_true", help="time every GEMV config, not only the default")
     a = ap.parse_args(argv)
 
@@ -38,13 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     from phikit.engine.kernels import int4_triton as it
     from phikit.engine.kernels.int4 import pack_int4_words, pack_nibbles, quantize_int4
 
-    rows: list[dict] = []
+    rows: list[dict] = []  # this run's rows, for the per-step total at the end
 
     def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if a.out:
-            a.out.write_text(json.dumps(rows, indent=1) + "\n")
+        rows.append(common.emit(row, a.out))
 
     p = torch.cuda.get_device_properties(0)
     emit({"row": "environment", "gpu": p.name, "torch": torch.__version__, "triton": triton.__version__})

@@ -14,20 +14,23 @@ What is measured (each JSON line says which):
   latency is reported once under `embed`.
 - `reindex`: a second run over the same texts (hash check only) and a one-document change.
 
-    python benchmarks/rag_scale.py [--sizes 10000 100000] [--real-upto 10000]
+    python benchmarks/speed/rag_scale.py [--sizes 10000 100000] [--real-upto 10000] [--out benchmarks/results/rag_scale.jsonl]
+
+One JSON row per measurement on stdout (and appended to --out as JSON lines).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+import common  # noqa: E402
+
 CHUNKS_PER_DOC = 5
 
 
@@ -60,12 +63,12 @@ def pct(xs, p):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
     ap.add_argument("--real-upto", type=int, default=10000, help="sizes up to this embed every chunk for real")
     ap.add_argument("--sample", type=int, default=2000, help="chunks embedded for real to measure the embedder and to reuse")
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rag_scale.json"))
+    common.add_out(ap)
     ap.add_argument("--note", default=None, help="recorded in every row (e.g. where and with which weights it ran)")
     args = ap.parse_args()
     import faiss
@@ -75,13 +78,7 @@ def main() -> int:
     from phikit.rag.chunk import chunk_text
     from phikit.rag.embed import Embedder
 
-    results = []
-
-    def emit(d):
-        if args.note:
-            d["note"] = args.note
-        results.append(d)
-        print(json.dumps(d), flush=True)
+    tag = {"note": args.note} if args.note else {}  # in every row
 
     real = Embedder()
     sample = [c for _, t in synthetic_docs(args.sample, seed=1) for c in chunk_text(t)][: args.sample]
@@ -95,8 +92,8 @@ def main() -> int:
         real.encode([q])
         lat.append(time.perf_counter() - t0)
     qvecs = real.encode(qtexts)
-    emit({"measure": "embed", "embedder": real.name, "device": str(real.model.device), "chunks": len(sample), "avg_chunk_chars": round(float(np.mean([len(c) for c in sample])), 1),
-          "chunks_per_s": round(embed_rate, 1), "query_embed_ms_p50": pct(lat, 50), "query_embed_ms_p95": pct(lat, 95)})
+    common.emit({"measure": "embed", "embedder": real.name, "device": str(real.model.device), "chunks": len(sample), "avg_chunk_chars": round(float(np.mean([len(c) for c in sample])), 1),
+                 "chunks_per_s": round(embed_rate, 1), "query_embed_ms_p50": pct(lat, 50), "query_embed_ms_p95": pct(lat, 95), **tag}, args.out)
 
     class Reused(Embedder):
         """Real MiniLM vectors of the sample, reused cyclically with small noise (see the module docstring)."""
@@ -133,7 +130,7 @@ def main() -> int:
             flat.add(vecs)
             d["faiss_flat_add_s"] = round(time.perf_counter() - t0, 4)
             d["faiss_flat_add_chunks_per_s"] = round(chunks / max(time.perf_counter() - t0, 1e-9), 1)
-            emit(d)
+            common.emit({**d, **tag}, args.out)
             rag = RAG(store, embedder=real)
             q = {"measure": "query", "chunks": chunks, "k": 4, "queries": len(qtexts), "note": "query vector given; add query_embed_ms for a full query"}
             # Methods take turns on each query, so a busy machine slows them alike.
@@ -147,16 +144,14 @@ def main() -> int:
                     lat[m].append(time.perf_counter() - t0)
             for m, xs in lat.items():
                 q[f"{m}_ms_p50"], q[f"{m}_ms_p95"] = pct(xs, 50), pct(xs, 95)
-            emit(q)
+            common.emit({**q, **tag}, args.out)
             s2 = index_texts(store, docs, emb)
             changed = list(docs)
             changed[0] = (docs[0][0], docs[0][1] + "\n\nOne more sentence about nothing.")
             s3 = index_texts(store, changed, emb)
-            emit({"measure": "reindex", "chunks": chunks, "unchanged_run_s": round(s2.total_s, 2), "unchanged": len(s2.unchanged),
-                  "one_doc_changed_s": round(s3.total_s, 2), "updated": len(s3.updated)})
+            common.emit({"measure": "reindex", "chunks": chunks, "unchanged_run_s": round(s2.total_s, 2), "unchanged": len(s2.unchanged),
+                         "one_doc_changed_s": round(s3.total_s, 2), "updated": len(s3.updated), **tag}, args.out)
             store.close()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

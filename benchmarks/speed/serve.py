@@ -10,10 +10,9 @@
    at once (one generation slot: they queue), plus the median and worst time to
    first token a client sees (queueing included).
 
-Prints one JSON object per measurement and writes them all to
-benchmarks/results/serve.json.
+One JSON row per measurement on stdout (and appended to --out as JSON lines).
 
-    python benchmarks/serve.py [--reps 3] [--max-tokens 48] [--clients 1 4 16] [--client-tokens 24]
+    python benchmarks/speed/serve.py [--reps 3] [--max-tokens 48] [--clients 1 4 16] [--client-tokens 24] [--out benchmarks/results/serve.jsonl]
 """
 
 from __future__ import annotations
@@ -28,6 +27,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import add_out, emit  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 
@@ -126,7 +128,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--client-tokens", type=int, default=24)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    add_out(ap)
     args = ap.parse_args()
 
     import phikit
@@ -135,13 +137,6 @@ def main() -> None:
     model = phikit.load(n_ctx=2048)
     env = {"model": model.name, "backend": model.backend.name, "cpus": os.cpu_count(), "python": platform.python_version(),
            "load_avg_at_start": os.getloadavg()[0]}
-    results = []
-
-    def emit(row: dict) -> None:
-        row = {**row, **env}
-        print(json.dumps(row), flush=True)
-        results.append(row)
-
     url = start_server(free_port())
     try:
         over_http(url, model.name, 4)  # warm both paths once
@@ -153,18 +148,12 @@ def main() -> None:
         for path, rows in (("in-process", local), ("http", http)):
             emit({"measure": "overhead", "path": path, "max_tokens": args.max_tokens, "reps": args.reps,
                   "ttft_s": median(rows, "ttft_s"), "tokens_per_s": round(median(rows, "tokens_per_s"), 2),
-                  "tokens": median(rows, "tokens")})
+                  "tokens": median(rows, "tokens"), **env}, args.out)
         for k in args.clients:
-            emit({"measure": "concurrency", "max_tokens": args.client_tokens, **concurrent(url, model.name, k, args.client_tokens)})
+            emit({"measure": "concurrency", "max_tokens": args.client_tokens, **concurrent(url, model.name, k, args.client_tokens), **env}, args.out)
     finally:
         SERVER[0].terminate()
         SERVER[0].wait(timeout=30)
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(out)  # write beside, then rename
 
 
 if __name__ == "__main__":

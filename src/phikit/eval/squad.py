@@ -237,7 +237,7 @@ def evaluate(model, data_path: str | Path, limit: int | None = None, *, context:
         raise PhikitError(f"--limit must be at least 1, got {limit}")
     dataset = load_squad(data_path)
     items = questions(dataset, limit)
-    retrieve = _retriever(context, store, k)
+    retrieve = retriever(context, store, k)
     contexts = [q.context if retrieve is None else retrieve(q.question) for q in items]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed).validate()
     user_template = grounded_messages("{context}", "{question}")[1]["content"]
@@ -263,7 +263,7 @@ def evaluate(model, data_path: str | Path, limit: int | None = None, *, context:
     return {"meta": m, "metrics": metrics, "records": records}
 
 
-def _retriever(context: str, store: str | None, k: int):
+def retriever(context: str, store: str | None, k: int):
     """None for gold context; else a function question -> retrieved context text (issue 4's RAG store)."""
     if context == "gold":
         return None

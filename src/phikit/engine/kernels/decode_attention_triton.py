@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes of the registered op, set from the H100 measurement in docs/speed.md (benchmarks/decode_profile.py).
+# Tile sizes of the registered op, set from the H100 measurement in docs/speed.md (benchmarks/speed/decode_profile.py).
 SLOTS_PER_PROGRAM = 64
 BLOCK_S = 64
 

@@ -119,7 +119,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr,
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, groups per K step, num_warps) for an [n, k] weight; from the sweep in benchmarks/int4_gemv.py on an H100."""
+    """(BLOCK_N, groups per K step, num_warps) for an [n, k] weight; from the sweep in benchmarks/speed/int4_gemv.py on an H100."""
     # Each thread should hold several rows of the same columns (its x loads serve them all) while
     # the layer still spreads over enough programs to fill 132 SMs; the head has rows to spare.
     # Sweep (CUDA-graph timed, H100): 8 rows x 8 groups x 8 warps was best on qkv, o and down;

@@ -24,7 +24,7 @@ def add_arguments(p) -> None:
     g.add_argument("--rag-store", default=None, metavar="DIR",
                    help="a store built with `phikit rag index` (folder or qdrant:// URL): enables POST /v1/rag/query and the page's RAG toggle")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    lim = p.add_argument_group("limits (over one is a 400)")
+    lim = p.add_argument_group("limits (over one is a 400; a request line and headers over 16 KiB are a 431)")
     lim.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     lim.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     lim.add_argument("--max-n", type=int, default=8, help="most choices (n) per request")

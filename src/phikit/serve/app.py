@@ -5,14 +5,15 @@
 
 `serve()` runs it with uvicorn. Requests share one generation slot
 (`worker.py`): they queue and run one at a time, and a client that goes away
-stops its generation.
+stops its generation. `/openapi.json` describes every route with the errors it
+answers; like every route but /health it needs the API key when there is one.
 """
 
 from __future__ import annotations
 
 import hmac
 from contextlib import asynccontextmanager
-import logging
+from functools import partial
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -24,8 +25,8 @@ from .errors import ApiError, error_response
 from .state import ServeConfig, ServerState
 from .worker import ClientGone
 
-log = logging.getLogger("phikit.serve")
 OPEN_PATHS = {"/health"}  # reachable without the API key
+MAX_HEADER_BYTES = 16 * 1024  # the request line and all headers together; over it is a 431 (serve())
 
 
 class Guard:
@@ -100,18 +101,14 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
         if state.rag_pool is not None:
             state.rag_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="phikit", version=__version__, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="phikit", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
+    app.openapi = partial(_openapi, app, bool(config.api_key))
     app.state.phikit = state
     errors.install(app)
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone):
         return Response(status_code=499)  # nobody reads it: the client left while queued
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(request, ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     app.include_router(openai_routes.router)
     app.include_router(ollama_routes.router)
@@ -145,9 +142,75 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
     return app
 
 
+def _openapi(app: FastAPI, keyed: bool) -> dict:
+    """FastAPI's document with the errors the app really answers: its 400s instead of FastAPI's 422,
+    and, with an API key, the bearer scheme and the 401 on every route but /health."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        from .schemas import error_responses
+
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                          description="OpenAI- (/v1) and Ollama-compatible (/api) routes over one model")
+        components = doc.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):  # the 422 body, never sent here
+            components.get("schemas", {}).pop(name, None)
+        if keyed:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, ops in doc["paths"].items():
+            for op in ops.values():
+                op["responses"].pop("422", None)
+                if keyed and path not in OPEN_PATHS:
+                    op["security"] = [{"bearer": []}]
+                    ref = {"$ref": "#/components/schemas/" + ("OpenAIError" if path.startswith("/v1") else "OllamaError")}
+                    op["responses"]["401"] = {"description": error_responses(401)[401]["description"],
+                                              "content": {"application/json": {"schema": ref}}}
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def http_protocol():
+    """uvicorn's h11 protocol, answering a request head over MAX_HEADER_BYTES with 431 rather than with
+    a 400 and, as the client is still sending, often a connection reset instead of any answer.
+
+    Always h11: uvicorn's other parser, httptools, puts no bound on the size of the headers."""
+    import sys
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _rejected = False
+
+        def data_received(self, data: bytes) -> None:
+            if not self._rejected:  # after a 431 the rest of the head is read and dropped
+                super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn calls this inside its `except h11.RemoteProtocolError`; h11 hints 431 for a head too long.
+            if getattr(sys.exc_info()[1], "error_status_hint", None) != 431:
+                return super().send_400_response(msg)
+            body = (f"the request line and headers are over this server's limit of {MAX_HEADER_BYTES} bytes: "
+                    "send smaller headers\n").encode()
+            head = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")]
+            for event in (h11.Response(status_code=431, headers=head, reason=b"Request Header Fields Too Large"),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self._rejected = True
+            # Closing with the client's bytes unread makes the kernel send a reset, which can destroy
+            # the answer before the client reads it: end our side, keep draining, close a little later.
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(2.0, self.transport.close)
+
+    return Protocol
+
+
 def serve(model, config: ServeConfig, host: str = "127.0.0.1", port: int = 11434, log_level: str = "info") -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
     app = create_app(model, config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                http=http_protocol(), h11_max_incomplete_event_size=MAX_HEADER_BYTES)

@@ -3,10 +3,15 @@
 `/v1/...` answers OpenAI's `{"error": {"message", "type", "param", "code"}}`;
 everything else answers Ollama's `{"error": "..."}`. A PhikitError keeps its
 own `.status`; request validation failures (malformed JSON, wrong types) are
-400s; nothing a client sends may become a 500.
+400s; nothing a client sends may become a 500. A 500 (a bug) is logged with a
+reference and answered with that reference only: exception text can carry
+paths, prompts or library internals that are not the client's to read.
 """
 
 from __future__ import annotations
+
+import logging
+import uuid
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PhikitError
 
+log = logging.getLogger("phikit.serve")
+TOO_DEEP = "the request nests too deeply to process (a JSON schema or value hundreds of levels deep): flatten it"
+
 
 class ApiError(StarletteHTTPException):
     """An error answered to the client as-is: status, message and the OpenAI fields.
@@ -22,8 +30,9 @@ class ApiError(StarletteHTTPException):
     An HTTPException so that FastAPI passes it through unchanged when it is raised
     while the body is read (the body-size limit does that)."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
-        super().__init__(status, message)
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
@@ -34,26 +43,58 @@ def not_found_model(name: str, served: list[str]) -> ApiError:
     )
 
 
+def internal_error(exc: BaseException, request: Request | None = None) -> ApiError:
+    """A 500 for an unexpected exception: the traceback goes to the log under a reference, the client gets the reference."""
+    ref = uuid.uuid4().hex[:12]
+    where = f" on {request.method} {request.url.path}" if request is not None else ""
+    log.error("internal error %s%s", ref, where, exc_info=exc)
+    return ApiError(500, f"internal server error (reference {ref}): this is a bug in phikit, not in the request; "
+                         "the server's log holds the details under that reference", type="server_error", code="internal_error")
+
+
 def error_response(request: Request, err: ApiError) -> JSONResponse:
+    # A message quoting the request could carry a lone surrogate, which UTF-8 cannot encode.
+    message = err.message.encode("utf-8", "backslashreplace").decode("utf-8")
     if request.url.path.startswith("/v1"):
-        body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+        body = {"error": {"message": message, "type": err.type, "param": err.param, "code": err.code}}
     else:
-        body = {"error": err.message}
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(body, status_code=err.status, headers=headers)
+        body = {"error": message}
+    headers = dict(err.headers or {})  # e.g. Allow on a 405
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=err.status, headers=headers or None)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _required_fields(request: Request) -> list[str]:
+    """The required top-level fields of the route's body model, to name them when the body is empty."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    return [n for n, f in getattr(model, "model_fields", {}).items() if f.is_required()]
+
+
+def _validation_message(exc: RequestValidationError, required: list[str] = ()) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "the request body is not valid", None
     e = errs[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON: " + str(e.get("ctx", {}).get("error", e.get("msg"))), None
-    param = ".".join(loc) or None
-    where = f"'{param}': " if param else ""
-    return f"{where}{e.get('msg', 'invalid value')}", param
+    loc = [str(x) for x in e.get("loc", ())]
+    loc = loc[1:] if loc[:1] == ["body"] else loc
+    if not loc:  # the body as a whole: absent, not read as JSON, or not a JSON object
+        fields = " and ".join(f"'{f}'" for f in required)
+        todo = "send a JSON object" + (f" with {fields}" if fields else "")
+        if e.get("type") == "missing":
+            return f"the request body is empty: {todo}", (required or [None])[0]
+        if isinstance(e.get("input"), bytes):  # FastAPI parses JSON only under a JSON content type
+            return f"the request body was not read as JSON: {todo}, with the header 'Content-Type: application/json'", None
+        return f"the request body is not a JSON object: {todo}", None
+    missing = [".".join(str(x) for x in m["loc"][1:]) for m in errs if m.get("type") == "missing" and len(m["loc"]) > 1]
+    if e.get("type") == "missing" and missing:
+        names = ", ".join(f"'{m}'" for m in missing)
+        return f"missing field{'s' if len(missing) > 1 else ''} {names}: add {'them' if len(missing) > 1 else 'it'} to the request body", missing[0]
+    param = (e.get("ctx") or {}).get("where") or ".".join(loc)
+    return f"'{param}': {e.get('msg', 'invalid value')}", param
 
 
 def install(app) -> None:
@@ -71,10 +112,28 @@ def install(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        msg, param = _validation_message(exc)
+        msg, param = _validation_message(exc, _required_fields(request))
         return error_response(request, ApiError(400, msg, param=param))
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError):
+        # Only request content nests deep enough for this (a JSON schema, tool parameters): the
+        # converters walking it recurse once or more per level, so it is the request's to flatten.
+        return error_response(request, ApiError(400, TOO_DEEP, code="too_deep"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(request, ApiError(exc.status_code, str(exc.detail), kind))
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's "error parsing the body": JSON nested past Python's limit
+            return error_response(request, ApiError(400, TOO_DEEP, code="too_deep"))
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            msg = f"{request.method} is not allowed on {request.url.path}" + (f": use {allow}" if allow else "")
+            return error_response(request, ApiError(405, msg, headers=exc.headers))
+        if exc.status_code == 404:
+            msg = f"no route {request.url.path}: /openapi.json lists the routes"
+            return error_response(request, ApiError(404, msg, "not_found_error", headers=exc.headers))
+        return error_response(request, ApiError(exc.status_code, str(exc.detail), headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return error_response(request, internal_error(exc, request))

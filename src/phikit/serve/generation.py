@@ -72,7 +72,11 @@ def pick_tools(tools: list[dict] | None, tool_choice: Any) -> tuple[list[dict] |
     if tool_choice == "required":
         return tools, "required"
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise ApiError(400, "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}, "
+                                f"got {json.dumps(tool_choice)[:200]}", param="tool_choice")
         chosen = [t for t in tools if (t.get("function", t) or {}).get("name") == name]
         if not chosen:
             raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
@@ -112,16 +116,37 @@ def with_json(params: SamplingParams, schema: dict | None, max_bytes: int, param
     """`params` constrained to `schema` (checked, and within the size limit)."""
     if schema is None:
         return params
+    return replace(params, json_schema=checked_schema(schema, max_bytes, param))
+
+
+def checked_schema(schema: dict, max_bytes: int, param: str) -> dict:
+    """`schema` if it is a JSON schema within the size limit and what the grammar engines take; else a 400 naming `param`."""
     size = len(json.dumps(schema))
     if size > max_bytes:
         raise ApiError(400, f"the schema is {size} bytes, over this server's limit of {max_bytes}", param=param, code="limit_exceeded")
     from ..engine.constrain import check_schema
 
     try:
-        check_schema(schema)
+        return check_schema(schema)
     except DataError as e:
-        raise ApiError(400, str(e), param=param) from None
-    return replace(params, json_schema=schema)
+        raise ApiError(400, f"'{param}': {e}", param=param) from None
+    except RecursionError:
+        raise _too_deep(param) from None
+
+
+def _too_deep(param: str) -> ApiError:
+    return ApiError(400, f"'{param}' nests too deeply to process (dozens of levels): flatten it", param=param, code="too_deep")
+
+
+def check_forced_calls(tools: list[dict] | None, tool_choice: str, max_bytes: int) -> None:
+    """With tool_choice "required" the calls are generated under a grammar made from the tools'
+    parameters: check that schema here, so that a 400 names `tools` rather than a schema the client never wrote."""
+    if not tools or tool_choice != "required":
+        return
+    from ..chat.tool_loop import calls_schema
+    from ..tools import as_tools
+
+    checked_schema(calls_schema(as_tools(tools)), max_bytes, "tools")
 
 
 def check_tools(tools: list[dict] | None, limit: int, max_bytes: int) -> None:
@@ -137,8 +162,10 @@ def check_tools(tools: list[dict] | None, limit: int, max_bytes: int) -> None:
     try:
         as_tools(tools)
     except DataError as e:
-        raise ApiError(400, str(e), param="tools") from None
+        raise ApiError(400, f"'tools': {e}", param="tools") from None
+    except RecursionError:
+        raise _too_deep("tools") from None
 
 
 __all__ = ["chat_stream", "primed", "tool_calls_of", "pick_tools", "schema_of_response_format", "schema_of_ollama_format",
-           "with_json", "check_tools", "Chunk"]
+           "with_json", "checked_schema", "check_tools", "check_forced_calls", "Chunk"]

@@ -20,10 +20,11 @@ from fastapi.responses import PlainTextResponse
 from .. import __version__
 from ..engine.types import Chunk, SamplingParams
 from ..errors import PhikitError
-from .errors import ApiError
+from .errors import ApiError, internal_error
 from .generation import chat_stream, check_tools, schema_of_ollama_format, tool_calls_of, with_json
 from .schemas import (
     OllamaChatRequest, OllamaEmbedRequest, OllamaGenerateRequest, OllamaLegacyEmbedRequest, OllamaOptions, OllamaShowRequest,
+    error_responses,
 )
 from .state import EMBED_NAME, ChunkStreamResponse, ServerState
 
@@ -94,6 +95,8 @@ async def _respond(request: Request, s: ServerState, make, shape, stream: bool, 
                         yield _line({"model": name, "created_at": _now(), **shape(""), **_final_stats(c, t0)})
             except PhikitError as e:
                 yield _line({"error": str(e)})
+            except Exception as e:  # a bug: logged, and only its reference sent (the status is sent already)
+                yield _line({"error": internal_error(e).message})
 
         return ChunkStreamResponse(lines(), lease, "application/x-ndjson")
     try:
@@ -117,7 +120,7 @@ def _loaded(name: str, shape) -> dict:
     return {"model": name, "created_at": _now(), **shape(""), "done": True, "done_reason": "load"}
 
 
-@router.post("/api/chat")
+@router.post("/api/chat", responses=error_responses(400, 404, openai=False))
 async def chat(body: OllamaChatRequest, request: Request):
     t0 = time.perf_counter()
     s = _state(request)
@@ -132,14 +135,14 @@ async def chat(body: OllamaChatRequest, request: Request):
     check_tools(body.tools, lim.max_tools, lim.max_schema_bytes)
     schema = schema_of_ollama_format(body.format)
     if body.tools and schema is not None:
-        raise ApiError(400, "format cannot be combined with tools: send one or the other")
+        raise ApiError(400, "format cannot be combined with tools: send one or the other", param="format")
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     params = with_json(_params(s, body.options), schema, lim.max_schema_bytes, "format")
     make = partial(chat_stream, s.model, messages, params, body.tools or None)
     return await _respond(request, s, make, shape, body.stream, t0)
 
 
-@router.post("/api/generate")
+@router.post("/api/generate", responses=error_responses(400, 404, openai=False))
 async def generate(body: OllamaGenerateRequest, request: Request):
     t0 = time.perf_counter()
     s = _state(request)
@@ -159,12 +162,12 @@ async def generate(body: OllamaGenerateRequest, request: Request):
 
 async def _embed(s: ServerState, texts: list[str]) -> tuple[list[list[float]], int]:
     if not texts:
-        raise ApiError(400, "input must not be empty")
+        raise ApiError(400, "input must not be empty", param="input")
     s.check_limit(len(texts), s.limits.max_inputs, "input", "the number of inputs")
     return await asyncio.to_thread(s.embedder.embed, texts)
 
 
-@router.post("/api/embed")
+@router.post("/api/embed", responses=error_responses(400, 404, openai=False))
 async def embed(body: OllamaEmbedRequest, request: Request):
     t0 = time.perf_counter()
     s = _state(request)
@@ -175,7 +178,7 @@ async def embed(body: OllamaEmbedRequest, request: Request):
             "load_duration": int(s.embedder.load_s * NS), "prompt_eval_count": n_tokens}
 
 
-@router.post("/api/embeddings")
+@router.post("/api/embeddings", responses=error_responses(400, 404, openai=False))
 async def embeddings_legacy(body: OllamaLegacyEmbedRequest, request: Request):
     s = _state(request)
     s.check_embed_model(body.model)
@@ -212,7 +215,7 @@ async def ps(request: Request):
     return {"models": [{**_entry(s, s.name), "expires_at": expires, "size_vram": _entry(s, s.name)["size"] if on_gpu else 0}]}
 
 
-@router.post("/api/show")
+@router.post("/api/show", responses=error_responses(400, 404, openai=False))
 async def show(body: OllamaShowRequest, request: Request):
     s = _state(request)
     s.check_model(body.model or body.name)

@@ -20,9 +20,11 @@ from fastapi import APIRouter, Request
 
 from ..engine.types import Chunk, SamplingParams
 from ..errors import PhikitError
-from .errors import ApiError, not_found_model
-from .generation import chat_stream, check_tools, pick_tools, schema_of_response_format, tool_calls_of, with_json
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .errors import ApiError, internal_error, not_found_model
+from .generation import (
+    chat_stream, check_forced_calls, check_tools, pick_tools, primed, schema_of_response_format, tool_calls_of, with_json,
+)
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_responses
 from .state import EMBED_NAME, ChunkStreamResponse, ServerState
 from .worker import Lease
 
@@ -85,8 +87,11 @@ def _sse(obj: dict) -> str:
 
 
 def _sse_error(e: Exception) -> str:
-    status = getattr(e, "status", 500)
-    return _sse({"error": {"message": str(e), "type": "invalid_request_error" if status < 500 else "server_error", "param": None, "code": None}})
+    if isinstance(e, PhikitError):
+        e = ApiError(e.status, str(e), "invalid_request_error" if e.status < 500 else "server_error")
+    elif not isinstance(e, ApiError):  # a bug: logged, and only its reference sent
+        e = internal_error(e)
+    return _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
 
 
 async def _framed(events: AsyncIterator[str], head: dict, usage: Usage, include_usage: bool) -> AsyncIterator[str]:
@@ -95,7 +100,7 @@ async def _framed(events: AsyncIterator[str], head: dict, usage: Usage, include_
     try:
         async for e in events:
             yield e
-    except PhikitError as e:
+    except Exception as e:  # the status is sent already: an error event, then the end of the stream
         yield _sse_error(e)
         return
     finally:
@@ -120,7 +125,7 @@ async def _generate(request: Request, makers: list) -> tuple[Lease, Iterator[Chu
     return await _state(request).first_stream(request, makers[0])
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=error_responses(400, 404))
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = _state(request)
     lim = s.limits
@@ -131,6 +136,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     max_tokens = s.max_tokens(wanted, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
     check_tools(body.tools, lim.max_tools, lim.max_schema_bytes)
     tools, choice = pick_tools(body.tools, body.tool_choice)
+    check_forced_calls(tools, choice, lim.max_schema_bytes)
     schema = schema_of_response_format(body.response_format)
     if tools and schema is not None:
         raise ApiError(400, "response_format cannot be combined with tools: send one or the other", param="response_format")
@@ -197,17 +203,22 @@ async def _chat_events(lease: Lease, first, makers, head: dict, include_usage: b
             yield event(i, {}, "tool_calls" if n_calls.get(i) else c.finish_reason)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=error_responses(400, 404))
 async def completions(body: CompletionRequest, request: Request):
     s = _state(request)
     name = s.check_model(body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise ApiError(400, "prompt must not be an empty list", param="prompt")
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:  # nothing to continue: llama.cpp fails on zero tokens (a model without BOS encodes "" to none)
+        where = "prompt" if isinstance(body.prompt, str) else f"prompt.{empty[0]}"
+        raise ApiError(400, f"'{where}' is empty: send the text to continue", param=where)
     s.check_limit(len(prompts) * body.n, s.limits.max_n, "n", "the number of choices (prompts x n)")
     max_tokens = s.max_tokens(body.max_tokens)
     be = s.model.backend
-    makers = [partial(be.stream_prompt, p, _params(body, max_tokens, i)) for p in prompts for i in range(body.n)]
+    # primed: the first token is made before the status is sent, so an error is a status, not a broken stream
+    makers = [partial(_primed_prompt, be, p, _params(body, max_tokens, i)) for p in prompts for i in range(body.n)]
     echoes = [p for p in prompts for _ in range(body.n)]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     lease, first = await _generate(request, makers)
@@ -233,6 +244,10 @@ async def completions(body: CompletionRequest, request: Request):
     return {**head, "choices": choices, "usage": usage.dict()}
 
 
+def _primed_prompt(be, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+    return primed(be.stream_prompt(prompt, params))
+
+
 async def _completion_events(lease, first, makers, head, include_usage, echoes, usage: Usage) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
     started = set()
@@ -246,7 +261,7 @@ async def _completion_events(lease, first, makers, head, include_usage, echoes, 
             usage.finish(i, c)
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", responses=error_responses(400, 404))
 async def embeddings(body: EmbeddingRequest, request: Request):
     s = _state(request)
     name = s.check_embed_model(body.model)
@@ -274,7 +289,7 @@ async def list_models(request: Request):
     return {"object": "list", "data": [_model_card(n, int(s.started)) for n in names]}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=error_responses(404))
 async def get_model(model_id: str, request: Request):
     s = _state(request)
     if model_id == EMBED_NAME or model_id in s.chat_names():

@@ -15,19 +15,19 @@ from functools import partial
 from typing import AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..engine.types import SamplingParams
 from ..errors import PhikitError
 from ..grounding import ABSTAIN, is_abstention
-from .errors import ApiError
+from .errors import ApiError, internal_error
+from .schemas import _Body, error_responses
 from .state import ChunkStreamResponse, ServerState
 
 router = APIRouter()
 
 
-class RagQuery(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class RagQuery(_Body):
     question: str = Field(min_length=1)
     k: int | None = Field(default=None, ge=1, le=50)
     mode: Literal["hybrid", "dense", "bm25"] | None = None
@@ -41,7 +41,7 @@ def _retrieve(rag, q: RagQuery):
     return hits, rag.gate(hits)
 
 
-@router.post("/v1/rag/query")
+@router.post("/v1/rag/query", responses=error_responses(400, 404))
 async def rag_query(body: RagQuery, request: Request):
     s: ServerState = request.app.state.phikit
     if s.rag is None:
@@ -95,5 +95,8 @@ async def _events(s: ServerState, lease, gen, sources: list[dict]) -> AsyncItera
                 yield _sse({"type": "done", "abstained": is_abstention("".join(parts)), "gated": False, "finish_reason": c.finish_reason})
     except PhikitError as e:
         yield _sse({"type": "error", "error": {"message": str(e)}})
+        return
+    except Exception as e:  # a bug: logged, and only its reference sent (the status is sent already)
+        yield _sse({"type": "error", "error": {"message": internal_error(e).message}})
         return
     yield "data: [DONE]\n\n"

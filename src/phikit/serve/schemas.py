@@ -2,18 +2,74 @@
 
 Strict types, so `"max_tokens": "ten"` or `"stream": "yes"` is a 400 that names
 the field; unknown fields are ignored, as OpenAI and Ollama clients send many
-(`user`, `logprobs`, `presence_penalty`...) that change nothing here.
+(`user`, `logprobs`, `presence_penalty`...) that change nothing here. Text must
+be valid Unicode: JSON may escape a lone surrogate (`"\\ud800"`), which no
+tokenizer can encode, so it is a 400 here rather than a crash deep in the model.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+
+def _is_text(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_text_at(value: Any) -> tuple | None:
+    """The path of the first string (or key) in `value` that is not valid Unicode, else None.
+
+    A loop, not recursion, so a value nested thousands deep cannot raise RecursionError here; strings
+    are checked in place and paths kept as (parent, key) links, so a 4 MB list of strings costs about
+    what parsing it did."""
+    def path(at) -> tuple:
+        keys = []
+        while at is not None:
+            at, key = at
+            keys.append(key)
+        return tuple(reversed(keys))
+
+    if isinstance(value, str):
+        return None if _is_text(value) else ()
+    stack = [(value, None)] if isinstance(value, (dict, list)) else []
+    while stack:
+        v, at = stack.pop()
+        for k, x in v.items() if isinstance(v, dict) else enumerate(v):
+            if isinstance(k, str) and not _is_text(k):
+                return path(at)
+            if isinstance(x, str):
+                if not _is_text(x):
+                    return path((at, k))
+            elif isinstance(x, (dict, list)):
+                stack.append((x, (at, k)))
+    return None
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unicode(cls, value: Any, info) -> Any:
+        at = _bad_text_at(value)
+        if at is not None:
+            # ctx "where" is the full path (messages.0.content); the error's own loc stops at this field.
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "not valid Unicode (the text holds a lone surrogate such as \\ud800): send UTF-8 text, "
+                "with a character outside the BMP escaped as a surrogate pair or not escaped at all",
+                {"where": ".".join(str(x) for x in (info.field_name, *at))},
+            )
+        return value
 
 
 class ContentPart(_Body):
@@ -21,10 +77,24 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: Union[str, dict[str, Any]] = "{}"  # OpenAI sends a JSON string; some clients send the object
+
+
+class ToolCall(_Body):
+    """A call an earlier assistant turn made, as OpenAI clients send it back."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     model_config = ConfigDict(strict=True, extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
+    tool_calls: list[ToolCall] | None = None
 
     def plain(self) -> dict[str, Any]:
         """The message as the chat format takes it (OpenAI's 'developer' is a system turn)."""
@@ -88,11 +158,20 @@ class OllamaOptions(BaseModel):
     stop: list[str] | None = None
 
 
+class OllamaFunctionCall(_Body):
+    name: str
+    arguments: Union[dict[str, Any], str] = Field(default_factory=dict)  # Ollama's shape is an object
+
+
+class OllamaToolCall(_Body):
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(_Body):
     model_config = ConfigDict(strict=True, extra="allow")
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
 
 
 class OllamaChatRequest(_Body):
@@ -130,3 +209,38 @@ class OllamaLegacyEmbedRequest(_Body):
 class OllamaShowRequest(_Body):
     model: str | None = None
     name: str | None = None  # older clients
+
+
+# -- error bodies (declared in /openapi.json) ---------------------------------
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """The error body of every /v1 route."""
+
+    error: OpenAIErrorDetail
+
+
+class OllamaError(BaseModel):
+    """The error body of every other route."""
+
+    error: str
+
+
+_WHY = {
+    400: "invalid request: malformed JSON, a wrong type, a value over one of this server's limits, "
+         "a prompt over the context; the message names the field",
+    401: "missing or wrong API key: send 'Authorization: Bearer KEY'",
+    404: "unknown model (the message lists the served ones), or no document store for /v1/rag/query",
+}
+
+
+def error_responses(*codes: int, openai: bool = True) -> dict:
+    """FastAPI `responses=` declaring these error statuses, with the error body of this API family."""
+    return {c: {"model": OpenAIError if openai else OllamaError, "description": _WHY[c]} for c in codes}

@@ -25,8 +25,12 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
         import uvicorn
 
+        from .app import MAX_HEADER_BYTES, http_protocol
+
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level, timeout_graceful_shutdown=2))
+        # The same HTTP protocol as `serve()`: a head over the limit is a 431, never an unbounded read.
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level, timeout_graceful_shutdown=2,
+                                                    http=http_protocol(), h11_max_incomplete_event_size=MAX_HEADER_BYTES))
         self.thread = threading.Thread(target=self.server.run, name="phikit-serve", daemon=True)
 
     @property

@@ -10,7 +10,8 @@ GGUF_QUANTS = "f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1 (written by the gguf
 def add_arguments(p) -> None:
     p.add_argument("--model", "-m", default=None, help="base model: registry name, HF directory, .gguf file or hub id (default: the adapter's base, else the embedded SmolLM2-135M)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT) to merge in")
-    p.add_argument("--format", "-f", required=True, choices=["merged", "gguf", "ollama", "gptq"], help="merged: safetensors HF dir; gguf: one .gguf file; ollama: a dir with the GGUF and a Modelfile; gptq: AutoRound's GPTQ-compatible 4-bit HF dir (vLLM)")
+    p.add_argument("--format", "-f", required=True, choices=["merged", "gguf", "ollama", "gptq", "adapter"], help="merged: safetensors HF dir; gguf: one .gguf file; ollama: a dir with the GGUF and a Modelfile; gptq: AutoRound's GPTQ-compatible 4-bit HF dir (vLLM); adapter: the LoRA adapter alone, its modules named for --layout as vLLM's LoRA loader wants them")
+    p.add_argument("--layout", default=None, choices=["llama", "phi3"], help="weights (or adapter modules) in the Llama layout (q/k/v, gate/up split) or the Phi layout (fused) [the model's own]")
     p.add_argument("--out", "-o", required=True, help="output path (a file for gguf, a directory otherwise)")
     p.add_argument("--quant", default=None, help=f"GGUF quant type (gguf/ollama; default f16): {GGUF_QUANTS}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of merged weights")
@@ -42,7 +43,7 @@ def run(args) -> int:
     r = export(
         args.model, format=args.format, out=args.out, adapter=args.adapter, quant=args.quant,
         system=args.system, force=args.force, dtype=args.dtype, chat_format=args.chat_format,
-        calib=args.calib, gptq=gptq,
+        calib=args.calib, gptq=gptq, layout=args.layout,
     )
     if args.json:
         print(json.dumps(r.to_dict()))

@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "serve a model over OpenAI- and Ollama-compatible HTTP APIs, with a web chat"),
     "train": ("train", "fine-tune a LoRA / QLoRA adapter (SQuAD 2.0, chat or Q/A JSONL)"),
     "export": ("export", "export a model + adapter as merged weights, GGUF or an Ollama Modelfile"),
+    "convert": ("convert", "rewrite a Phi-3-family model in the Llama layout (split q/k/v and gate/up)"),
 }
 
 

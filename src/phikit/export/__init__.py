@@ -1,6 +1,8 @@
-"""Export a model (+ LoRA adapter) as merged safetensors, GGUF, an Ollama Modelfile or GPTQ 4-bit.
+"""Export a model (+ LoRA adapter) as merged safetensors, GGUF, an Ollama Modelfile or GPTQ 4-bit,
+or the adapter alone rewritten for a layout (vLLM's module names).
 
     phikit.export.export("phi-3-mini", adapter="runs/a", format="gguf", out="m.gguf", quant="q4_0")
+    phikit.export.export(None, adapter="runs/a", format="merged", layout="phi3", out="m")  # split-layout adapter, fused weights
 
 Every format starts from the same merge (merge.py: fp32, on the CPU, tokenizer
 fixed, chat template generated from the chat format) and writes beside the
@@ -22,7 +24,8 @@ from .files import atomic_path, check_out, remove_stale_partials, size_of
 if TYPE_CHECKING:
     from .gptq import GPTQSettings
 
-FORMATS = ("merged", "gguf", "ollama", "gptq")
+FORMATS = ("merged", "gguf", "ollama", "gptq", "adapter")
+LAYOUTS = ("llama", "phi3")
 
 
 @dataclass
@@ -51,20 +54,37 @@ def export(
     chat_format: str | None = None,
     calib: str | None = None,
     gptq: "GPTQSettings | None" = None,
+    layout: str | None = None,
 ) -> ExportResult:
     """Export `model` (+ `adapter`) to `out` in `format` (merged | gguf | ollama | gptq).
 
     quant: GGUF quant type (default f16; see gguf_file.QUANTS). system: SYSTEM line
     of an Ollama Modelfile. dtype: of merged weights. calib: calibration data for gptq
     (default: the adapter's training data, else the shared SQuAD set); gptq: AutoRound
-    settings (gptq.GPTQSettings). Raises PhikitError on bad input; nothing is written under
-    `out` unless the export completes.
+    settings (gptq.GPTQSettings). layout: 'llama' (q/k/v and gate/up split) or 'phi3' (fused) for
+    the weights written, default the model's own (models/llamafy.py); format 'adapter' writes only
+    `adapter`, its LoRA modules renamed (and split or stacked, exactly) for that layout, with the
+    names vLLM's LoRA loader accepts for it. Raises PhikitError on bad input; nothing is written
+    under `out` unless the export completes.
     """
     if format not in FORMATS:
         raise PhikitError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    if layout is not None and layout not in LAYOUTS:
+        raise PhikitError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     out = Path(out).expanduser()
     check_out(out, force)  # fail before the slow load
     cleaned = remove_stale_partials(out.parent)  # what killed exports left in the folder: disk space for this one
+    if format == "adapter":
+        if not adapter:
+            raise PhikitError("--format adapter rewrites a LoRA adapter: pass --adapter DIR")
+        if quant or calib or gptq or dtype != "bfloat16":
+            raise PhikitError("--quant, --dtype and the GPTQ settings do not apply to --format adapter")
+        from .adapter import write_adapter
+
+        t0 = time.perf_counter()
+        with atomic_path(out, force) as tmp:
+            notes = write_adapter(adapter, tmp, layout, model)
+        return ExportResult(format, str(out), size_of(out), round(time.perf_counter() - t0, 3), None, cleaned + notes)
     if format in ("gguf", "ollama"):
         from .gguf_file import QUANTS
 
@@ -84,7 +104,7 @@ def export(
     t0 = time.perf_counter()
     from .merge import load_merged, save_merged
 
-    m = load_merged(model, adapter, chat_format)
+    m = load_merged(model, adapter, chat_format, layout)
     with atomic_path(out, force) as tmp:
         if format == "merged":
             save_merged(m, tmp, dtype)

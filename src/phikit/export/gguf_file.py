@@ -2,7 +2,8 @@
 
 Tensor names come from `gguf.TensorNameMap` and metadata keys follow
 llama.cpp's convert_hf_to_gguf.py (LlamaModel, Phi3MiniModel): Llama's q/k
-rows are permuted to llama.cpp's rotary layout; Phi-3's fused qkv and gate_up
+rows are permuted to llama.cpp's rotary layout (a Phi model in the Llama layout,
+models/llamafy.py, is written as `llama` the same way); Phi-3's fused qkv and gate_up
 tensors go in as they are (attn_qkv, ffn_up), LongRoPE factors as
 rope_factors_long/short with their attention factor, partial rotary as the
 rope dimension count. Written by us rather than by calling that script because
@@ -107,8 +108,14 @@ def _write(m: Merged, path: Path, qtype_name: str) -> None:
     if arch_name == "phi3":
         extra = _phi3_params(w, cfg, rp, n_embd, n_head)
     else:
-        if rp.get("rope_type", "default") not in ("default", None):
-            raise PhikitError(f"rope scaling {rp.get('rope_type')!r} is not supported by the GGUF writer for llama models")
+        kind = rp.get("rope_type", "default")
+        if kind == "longrope" and m.phi3_config:
+            raise PhikitError(
+                "this Llama-layout Phi model uses LongRoPE, two sets of rope factors switched by length, and llama.cpp's "
+                "llama architecture reads one set: write the GGUF in the Phi layout (--layout phi3), which llama.cpp "
+                "runs as phi3 with both")
+        if kind not in ("default", None):
+            raise PhikitError(f"rope scaling {kind!r} is not supported by the GGUF writer for llama models")
         w.add_rope_dimension_count(head_dim)
     _add_vocab(w, m, cfg.vocab_size)
 

@@ -31,6 +31,7 @@ class Merged:
     spec: ModelSpec
     adapter: str | None
     notes: list[str] = field(default_factory=list)  # warnings and fixes, for the user
+    phi3_config: dict | None = None  # the Phi config a Llama-layout model converts back to (llamafy.to_phi3)
 
     @property
     def config(self):
@@ -54,17 +55,22 @@ def quantised_source(spec: ModelSpec) -> str | None:
     return None
 
 
-def load_merged(model: str | None, adapter: str | None = None, chat_format: str | None = None) -> Merged:
+def load_merged(model: str | None, adapter: str | None = None, chat_format: str | None = None,
+                layout: str | None = None) -> Merged:
     """Load `model` (registry name, HF dir, .gguf, hub id; default: the adapter's base)
-    in fp32 on the CPU, fix its tokenizer, and merge `adapter` into it.
+    in fp32 on the CPU, fix its tokenizer, and merge `adapter` into it; then, where `layout`
+    ('llama' | 'phi3') is not the model's own, split or fuse the merged weights into it
+    (models/llamafy.py: exact; 'phi3' needs a model that `phikit convert` made).
 
     Raises PhikitError when the adapter was made for another base (naming both),
-    when the chat format cannot be told, or when files are missing.
+    when the chat format cannot be told, or when files are missing; LayoutError when the
+    model has no such layout.
     """
     import torch
 
     from ..models.adapters import adapter_base, check_adapter_base
     from ..models.fixes import apply_fixes
+    from ..models.llamafy import converted_from
     from ..models.loading import load_hf
 
     if model is None and adapter:
@@ -101,10 +107,31 @@ def load_merged(model: str | None, adapter: str | None = None, chat_format: str 
     if adapter:
         peft = require("peft", why="merging an adapter needs peft")
         hf_model = peft.PeftModel.from_pretrained(hf_model, adapter, is_trainable=False).merge_and_unload()
+    phi3_config = hf_model.config.to_dict() if hf_model.config.model_type == "phi3" else (converted_from(spec.path) or {}).get("phi3_config")
+    if layout:
+        hf_model, note = _in_layout(hf_model, layout, spec, phi3_config)
+        notes += [note] if note else []
     hf_model.eval()
     for n in notes:
         log.warning("%s", n)
-    return Merged(hf_model, tok, fmt, spec, adapter, notes)
+    return Merged(hf_model, tok, fmt, spec, adapter, notes, phi3_config)
+
+
+def _in_layout(model, layout: str, spec: ModelSpec, phi3_config: dict | None):
+    """(`model` in `layout`, a note saying so, or None where it already was)."""
+    from ..models.llamafy import LayoutError, to_llama, to_phi3
+
+    kind = getattr(model.config, "model_type", "?")
+    if layout not in ("llama", "phi3"):
+        raise PhikitError(f"unknown layout {layout!r}: use llama or phi3")
+    if kind == layout:
+        return model, None
+    if layout == "llama":
+        return to_llama(model), f"converted to the Llama layout (q/k/v and gate/up split) from {kind}"
+    if kind != "llama" or not phi3_config:
+        raise LayoutError(f"{spec.name} is a {kind} model that phikit convert did not make from a Phi model: "
+                          "it has no Phi layout to write")
+    return to_phi3(model, phi3_config), "converted back to the Phi layout (q/k/v and gate/up fused)"
 
 
 def save_merged(m: Merged, out: Path, dtype: str = "bfloat16") -> None:
@@ -129,5 +156,8 @@ def save_merged(m: Merged, out: Path, dtype: str = "bfloat16") -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
     m.tokenizer.chat_template = m.fmt.hf_template()
     m.tokenizer.save_pretrained(out)
-    meta = {"base_model": m.spec.name, "source": m.spec.source, "adapter": m.adapter, "chat_format": m.fmt.name, "notes": m.notes}
+    meta = {"base_model": m.spec.name, "source": m.spec.source, "adapter": m.adapter, "chat_format": m.fmt.name,
+            "layout": m.config.model_type, "notes": m.notes}
+    if m.config.model_type == "llama" and m.phi3_config:  # what converts it back (llamafy.converted_from reads it)
+        meta.update(converted_from=m.spec.source, phi3_config=m.phi3_config)
     (out / "phikit.json").write_text(json.dumps(meta, indent=2))

@@ -18,6 +18,7 @@ class TrainConfig:
     quant: str = "auto"  # nf4 | none | auto (nf4 on CUDA when the weights are not GGUF, else none)
     device: str = "auto"
     format: str | None = None  # chat format, when it cannot be detected
+    llamafy: bool = False  # a Phi model trained in its Llama layout (OUT/base-llama): q/k/v and gate/up LoRA of their own
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 16

@@ -135,9 +135,13 @@ def test_merged_bf16_logits_close(tiny_dirs, adapters, merged, tmp_path):
 def test_gguf_logits_match_source(fam, quant, tol, merged, tmp_path):
     from phikit.export.gguf_file import write_gguf
 
+    import gguf
+
     m = merged[fam]
     path = tmp_path / f"{fam}.gguf"
     write_gguf(m, path, quant)
+    field = gguf.GGUFReader(str(path)).fields["general.quantization_version"]  # what llama.cpp and Ollama check
+    assert int(field.parts[field.data[0]][0]) == gguf.GGML_QUANT_VERSION
     for msgs in PROMPTS:
         ids = _ids(m, msgs)
         ref = _ref_logits(m, ids)

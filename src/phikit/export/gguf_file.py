@@ -104,6 +104,7 @@ def _write(m: Merged, path: Path, qtype_name: str) -> None:
     w.add_rope_freq_base(float(rp["rope_theta"]))
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(_file_type(gguf, qtype_name))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # llama.cpp and Ollama read it to know the quant layout
     extra = {}
     if arch_name == "phi3":
         extra = _phi3_params(w, cfg, rp, n_embd, n_head)

@@ -47,6 +47,9 @@ class TrainConfig:
     squad_answerable_ratio: float | None = None  # e.g. 2.0 = two answerable per unanswerable; None = as in the file
     squad_max_context_words: int | None = None  # skip SQuAD paragraphs longer than this (cheaper CPU recipes)
     squad_questions_per_context: int = 1  # >1: several questions of a paragraph in one conversation (data.read_squad)
+    recipe: str = "auto"  # auto (facts for question/answer .jsonl without context, unless lr/epochs/max_steps are given) | facts | none
+    fact_paraphrases: int | None = None  # question phrasings per fact, from templates (data.FACT_TEMPLATES); None = 1 (the recipe sets it)
+    replay: int | None = None  # prompts whose base-model answers are mixed in (train.replay); None = 0 (the recipe sets it)
     # checkpoints and logs
     save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 2
@@ -94,10 +97,17 @@ def read_config_file(path: str) -> dict:
     return data
 
 
+# The fact-injection recipe (docs/train.md, benchmarks/facts.py): settings under the config file and the flags.
+FACTS_RECIPE = dict(lr=2e-3, epochs=5, micro_batch=8, grad_accum=1, val_split=0.0, max_seq=512, fact_paraphrases=4, replay=32)
+
+
 def make_config(file: str | None = None, **overrides) -> TrainConfig:
-    """Defaults, then the config file, then `overrides` whose value is not None (flags win)."""
+    """Defaults, then the recipe's settings (see pick_recipe), then the config file, then `overrides`
+    whose value is not None (flags win)."""
     values = read_config_file(file) if file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if pick_recipe(values) == "facts":
+        values = {**FACTS_RECIPE, **values, "recipe": "facts"}
     cfg = TrainConfig(**values)
     check_config(cfg)
     return cfg
@@ -115,5 +125,24 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise DataError(f"max_steps (--max-steps) is {cfg.max_steps}: it must be at least 1, since 0 steps would train "
                         "nothing; leave it out to train for --epochs")
+    if cfg.fact_paraphrases is not None and cfg.fact_paraphrases < 1:
+        raise DataError(f"fact_paraphrases (--fact-paraphrases) is {cfg.fact_paraphrases}: it must be at least 1 (the question as written)")
+    if cfg.replay is not None and cfg.replay < 0:
+        raise DataError(f"replay (--replay) is {cfg.replay}: give 0 (none) or the number of prompts to mix in")
     if cfg.max_steps is None and not cfg.epochs > 0:
         raise DataError(f"epochs (--epochs) is {cfg.epochs}: it must be more than 0 (or give --max-steps)")
+
+
+def pick_recipe(values: dict) -> str:
+    """"facts" or "none" for settings `values` (file and flags): recipe "auto" is "facts" for question/answer
+    .jsonl data without context (data.is_fact_data) when none of lr, epochs, max_steps is set, since a
+    schedule of one's own is not mixed with the recipe's; `recipe: facts` applies it under any settings."""
+    from .data import is_fact_data
+
+    recipe = values.get("recipe", "auto")
+    if recipe not in ("auto", "facts", "none"):
+        raise DataError(f"recipe (--recipe) is {recipe!r}: use auto, facts or none")
+    if recipe == "auto":
+        own_schedule = any(values.get(k) is not None for k in ("lr", "epochs", "max_steps"))
+        return "facts" if not own_schedule and is_fact_data(str(values.get("data", TrainConfig.data))) else "none"
+    return recipe

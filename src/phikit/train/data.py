@@ -1,6 +1,6 @@
 """Training data: reading (SQuAD 2.0 JSON, JSONL chat / context-question-answer / text),
-rendering through the model's chat format, tokenising with completion-only labels,
-and length-grouped batching.
+facts (question/answer without context) and their question phrasings, rendering through
+the model's chat format, tokenising with completion-only labels, and length-grouped batching.
 
 Grounded examples are built ONLY with `phikit.grounding.grounded_messages`, the
 prompt evaluation and RAG use, and unanswerable ones answer `grounding.ABSTAIN`.
@@ -32,6 +32,7 @@ class Example:
     answerable: bool = True
     # More (question, answer) turns about the same context, asked after the first (squad_questions_per_context).
     followups: list[tuple[str, str]] | None = None
+    fact: bool = False  # a question/answer record without context: `messages` is its user -> assistant exchange
 
     def chat(self, context: str | None = None) -> list[dict]:
         if self.context is not None:
@@ -129,7 +130,7 @@ def _parse_record(obj, where: str) -> Example:
         if not isinstance(q, str) or not isinstance(a, str) or (c is not None and not isinstance(c, str)):
             raise DataError(f"{where}: 'question', 'answer' and 'context' must be strings")
         if c is None:  # a plain fact: question -> answer, no grounding prompt
-            return Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            return Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}], fact=True)
         return Example(context=c, question=q, answer=a, answerable=a != ABSTAIN)
     if "text" in obj:
         if not isinstance(obj["text"], str):
@@ -162,6 +163,85 @@ def read_examples(path: Path, answerable_ratio: float | None = None, max_context
     if path.suffix == ".json":
         return read_squad(path, answerable_ratio, max_context_words, seed, questions_per_context)
     raise DataError(f"{path}: use a .jsonl file (messages / context+question+answer / text) or a SQuAD 2.0 .json file")
+
+
+# --- facts: question phrasings (the "facts" recipe) ---------------------------------------
+
+# Phrasings of a fact's question, made by templates, not by a model: the same data on every
+# machine, nothing downloaded, and no reliance on a 135M model's paraphrasing. They vary the
+# framing (prefix, suffix, case, punctuation), not the words, so that the answer is tied to the
+# question's content words rather than to one exact token sequence. The first is the question as written.
+FACT_TEMPLATES = (
+    "{q}",
+    "{lower}",
+    "Quick question: {q}",
+    "{q} Please answer briefly.",
+    "I'd like to know something. {q}",
+    "Tell me, {low_first}",
+    "Q: {q}",
+    "Can you help me with this? {q}",
+    "Answer the following question. {q}",
+)
+FACTS_AUTO_MAX = 1000  # recipe "auto" picks "facts" for at most this many question/answer records (a set of facts, not a corpus)
+
+
+def _low_first(q: str) -> str:
+    first = q.split(" ", 1)[0]
+    return q if first.isupper() or first[1:2].isupper() else q[:1].lower() + q[1:]
+
+
+def phrasings(question: str, n: int) -> list[str]:
+    """The first `n` template phrasings of `question` (distinct, in template order; the question itself first)."""
+    if n < 1:
+        raise DataError(f"fact_paraphrases (--fact-paraphrases) is {n}: it must be at least 1 (the question as written)")
+    q = question.strip()
+    values = {"q": q, "lower": q.lower().rstrip("?!. ").strip(), "low_first": _low_first(q)}
+    return list(dict.fromkeys(t.format(**values) for t in FACT_TEMPLATES[:n]))
+
+
+def expand_facts(examples: list[Example], paraphrases: int, seed: int = 42) -> list[Example]:
+    """Fact examples turned into `paraphrases` question phrasings each (the answer verbatim in every one), plus,
+    when `paraphrases` > 1, one pair question per fact ("{q1} Also, {q2}" -> "{a1} {a2}") with another fact
+    drawn at random, so that a question asking for two facts gets both. Other examples pass unchanged."""
+    facts = [e for e in examples if e.fact]
+    if paraphrases <= 1 or not facts:
+        return examples
+    out = [e for e in examples if not e.fact]
+    for e in facts:
+        (user, asst) = e.messages
+        out += [Example(messages=[{"role": "user", "content": q}, asst], fact=True) for q in phrasings(user["content"], paraphrases)]
+    rng = random.Random(seed)
+    if len(facts) > 1:
+        for i in range(len(facts)):
+            j = rng.choice([k for k in range(len(facts)) if k != i])
+            (q1, a1), (q2, a2) = [(m["content"].strip() for m in facts[k].messages) for k in (i, j)]
+            out.append(Example(messages=[{"role": "user", "content": f"{q1} Also, {_low_first(q2)}"},
+                                         {"role": "assistant", "content": f"{a1} {a2}"}], fact=True))
+    rng.shuffle(out)
+    return out
+
+
+def is_fact_data(data: str) -> bool:
+    """True when `data` is a .jsonl file of question/answer records without context, at most FACTS_AUTO_MAX of them
+    (what recipe "auto" turns into the facts recipe). Any unreadable line gives False: read_jsonl reports it later."""
+    p = Path(data).expanduser()
+    if p.suffix != ".jsonl" or not p.is_file():
+        return False
+    n = 0
+    try:
+        with p.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or not {"question", "answer"} <= obj.keys() or obj.get("context") is not None:
+                    return False
+                n += 1
+                if n > FACTS_AUTO_MAX:
+                    return False
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return n > 0
 
 
 class Tokenised:

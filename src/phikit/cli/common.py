@@ -8,7 +8,9 @@ import argparse
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=None, help="registry name, HF directory, .gguf file or hub id (default: the embedded SmolLM2-135M)")
-    g.add_argument("--quant", choices=["none", "nf4", "int4"], default="none", help="4-bit NF4 (bitsandbytes, CPU or CUDA), int4 (CUDA fast path) or none")
+    g.add_argument("--quant", choices=["none", "nf4", "nf4-dynamic", "int4"], default="none",
+                   help="4-bit NF4 (bitsandbytes, CPU or CUDA); nf4-dynamic: NF4 with the layers that lose most to it kept in "
+                        "16-bit (chosen once on the SQuAD contexts, cached; see phikit quantize); int4 (CUDA fast path); or none")
     g.add_argument("--device", default="auto", help="cpu | cuda | auto")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="transformers weights dtype (default: bfloat16 on CUDA, float32 on CPU)")

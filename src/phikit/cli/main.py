@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("train", "fine-tune a LoRA / QLoRA adapter (SQuAD 2.0, chat or Q/A JSONL)"),
     "export": ("export", "export a model + adapter as merged weights, GGUF or an Ollama Modelfile"),
     "convert": ("convert", "rewrite a Phi-3-family model in the Llama layout (split q/k/v and gate/up)"),
+    "quantize": ("quantize", "save a model pre-quantised in NF4; --dynamic keeps its most NF4-sensitive layers in 16-bit"),
 }
 
 

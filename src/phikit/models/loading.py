@@ -1,14 +1,17 @@
 """Loading a model for the transformers backend: HF directory, hub id or GGUF;
-16-bit or NF4 (bitsandbytes, double quantisation, bf16 compute); CPU or CUDA."""
+16-bit or NF4 (bitsandbytes, double quantisation, bf16 compute), dynamic NF4 (the layers that lose most
+to NF4 kept in 16-bit: models/dynamic4.py) or a directory saved pre-quantised; CPU or CUDA."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..errors import DeviceError, MissingDependencyError, ModelFilesError, ModelNotFoundError, require
 from .registry import ModelSpec
 
-QUANTS = ("none", "nf4", "int4")
+log = logging.getLogger("phikit")
+QUANTS = ("none", "nf4", "nf4-dynamic", "int4")
 
 
 def resolve_device(device: str) -> str:
@@ -41,6 +44,12 @@ def nf4_config():
     )
 
 
+def _prequantized(spec: ModelSpec) -> bool:
+    from .dynamic4 import prequantized
+
+    return bool(spec.path and prequantized(spec.path))
+
+
 def _source(spec: ModelSpec) -> tuple[str, dict]:
     if spec.gguf_file:
         p = Path(spec.gguf_file)
@@ -63,12 +72,28 @@ def load_hf(spec: ModelSpec, quant: str = "none", device: str = "auto", dtype: s
     dev = resolve_device(device)
     src, extra = _source(spec)
     kwargs: dict = dict(extra)
+    saved4 = _prequantized(spec)
+    if saved4 and quant == "int4":
+        raise DeviceError(f"{spec.path} is saved in NF4 (bitsandbytes): load it with --quant nf4 (or none: it loads as saved)")
     if quant == "int4" and not dev.startswith("cuda"):
         raise DeviceError("--quant int4 (tinygemm weight-only int4) runs on CUDA only: use --quant nf4 on the CPU")
-    if quant == "nf4":
+    if saved4:
+        # Saved pre-quantised (phikit quantize): its config says what is 4-bit; any --quant but int4 loads it as saved.
+        if quant == "none":
+            log.info("%s is saved in NF4: loading it as saved", spec.path)
+        kwargs["device_map"] = {"": dev}
+        kwargs["dtype"] = torch.bfloat16
+    elif quant in ("nf4", "nf4-dynamic"):
         if spec.gguf_file:
-            raise DeviceError("--quant nf4 loads Hugging Face weights; a GGUF file is already quantised: use --quant none")
-        kwargs["quantization_config"] = nf4_config()
+            raise DeviceError(f"--quant {quant} loads Hugging Face weights; a GGUF file is already quantised: use --quant none"
+                              + (", or write a dynamic NF4 checkpoint with `phikit quantize MODEL --dynamic --out DIR` and load DIR"
+                                 if quant == "nf4-dynamic" else ""))
+        if quant == "nf4-dynamic":
+            from .dynamic4 import bnb_config, dynamic_skip_modules
+
+            kwargs["quantization_config"] = bnb_config(dynamic_skip_modules(spec, dev))
+        else:
+            kwargs["quantization_config"] = nf4_config()
         kwargs["device_map"] = {"": dev}
         kwargs["dtype"] = torch.bfloat16
     else:
@@ -88,10 +113,12 @@ def load_hf(spec: ModelSpec, quant: str = "none", device: str = "auto", dtype: s
             "(or set PHIKIT_MODELS to a folder holding it under this name)."
         ) from None
     except (ImportError, RuntimeError) as e:
-        if quant == "nf4":
-            raise DeviceError(f"--quant nf4 could not run here: {e}. Use --quant none") from None
+        if quant in ("nf4", "nf4-dynamic") or saved4:
+            if saved4:
+                raise DeviceError(f"{spec.path} is saved in NF4 and bitsandbytes could not load it here: {e}. Load the 16-bit model instead") from None
+            raise DeviceError(f"--quant {quant} could not run here: {e}. Use --quant none") from None
         raise
-    if quant in ("none", "int4"):
+    if quant in ("none", "int4") and not saved4:
         model.to(dev)
     if quant == "int4":
         from ..engine.kernels.int4 import quantize_model_int4

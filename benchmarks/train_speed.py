@@ -4,7 +4,9 @@ bitsandbytes loop (and the same with Liger kernels), on random weights of a real
 Every side: the same random base weights (saved once, loaded NF4 with double quantisation and
 bf16 compute), LoRA r=16 alpha 16 dropout 0.05 on all linear projections, gradient checkpointing,
 8-bit AdamW (lr 1e-3, so the loss curve moves enough to compare), bf16 autocast, one fixed batch.
-Each side runs in its own process, so its peak memory is its own.
+Each side runs in its own process, so its peak memory is its own. phikit's sides are the library's own
+path: `SpeedOptions` less the speed-ups a variant turns off (VARIANTS), set up by `prepare_lora`, stepped
+by `phikit.train.step.Step`, each loss read one step late by `Readback`, as `phikit train` does.
 
     python benchmarks/train_speed.py --out results.jsonl                       # Phi-4-mini, seq 2048, micro-batch 2
     python benchmarks/train_speed.py --size phi-4 --micro-batch 1              # phi-4 (14B) shape
@@ -43,6 +45,9 @@ SHAPES = {
 SHAPES["tiny"] = dict(SHAPES["phi-4-mini"], hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128)
 IMPLS = ("phikit", "phikit-per-tensor", "phikit-bnb-nf4", "phikit-eager", "phikit-no-offload", "stock", "stock-liger")
+# phikit's sides: the library's default CUDA path (SpeedOptions.for_run) less the speed-ups each one turns off
+VARIANTS = {"phikit": {}, "phikit-per-tensor": {"flat_params": False}, "phikit-bnb-nf4": {"compile_nf4": False},
+            "phikit-eager": {"compile": False}, "phikit-no-offload": {"offload": False, "compile": False, "host_embedding": False}}
 
 
 def build_random(path: str, shape: str, max_pos: int) -> None:
@@ -88,30 +93,45 @@ def optimizer(params, device: str, kind: str = "adamw8bit", phikit: bool = False
     if device == "cuda":
         import bitsandbytes as bnb
 
-        from phikit.train.fast import adamw8bit
+        from phikit.train.speedups.adamw8bit import adamw8bit
 
         return (adamw8bit if phikit else bnb.optim.AdamW8bit)(params, lr=1e-3, weight_decay=0.01)
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
 
-def make_phikit(path, args, device, offload: bool, compile: bool):
+def make_phikit(path, args, device):
+    """A phikit side, set up as `phikit train` sets up its run, with the speed-ups of VARIANTS[args.impl]:
+    (one-step function, the speedups.Speedups made, the optimizer, whether the parameters are flat).
+    The step is the library's own (train.step.Step), with no schedule (a constant learning rate)."""
+    import dataclasses
+
     import torch
 
-    from phikit.models.registry import PHI_LORA_TARGETS, ModelSpec
+    from phikit.models.registry import LLAMA_LORA_TARGETS, PHI_LORA_TARGETS, ModelSpec
     from phikit.train.config import make_config
-    from phikit.train.loop import _lm_loss, _to_device, prepare_lora
+    from phikit.train.loop import prepare_lora
+    from phikit.train.speedups import SpeedOptions, flat_params
+    from phikit.train.step import Step, lm_loss
 
-    cfg = make_config(lora_r=16, lora_alpha=16, lora_dropout=args.dropout, gradient_checkpointing=True, offload_activations=offload,
-                      compile=compile, seed=0)
-    spec = ModelSpec("random", None, "phi4-mini", lora_targets=PHI_LORA_TARGETS)
-    model, _ = prepare_lora(load(path, device), cfg, spec, "nf4" if device == "cuda" else "none", device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else __import__("contextlib").nullcontext
+    cfg = make_config(lora_r=16, lora_alpha=16, lora_dropout=args.dropout, gradient_checkpointing=True, offload_activations=True,
+                      compile=True, seed=0)
+    speed = dataclasses.replace(SpeedOptions.for_run(cfg, device), **VARIANTS[args.impl])
+    base = load(path, device)
+    # A checkpoint in the Llama layout (phikit convert --to llama) gets q/k/v and gate/up LoRA of their own.
+    targets = LLAMA_LORA_TARGETS if base.config.model_type == "llama" else PHI_LORA_TARGETS
+    spec = ModelSpec("random", None, "phi4-mini", lora_targets=targets)
+    model, _, made = prepare_lora(base, cfg, spec, "nf4" if device == "cuda" else "none", device, speed)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
+    params = flat_params([p for p in model.parameters() if p.requires_grad], speed)
+    opt = optimizer(params, device, args.optim, phikit=True)
 
-    def loss_fn(ids, att, lab, n_lab):  # as the loop does: the batch from the host each step, the labels kept there
-        ids, att = _to_device(device, ids, att)
-        return _lm_loss(model, ids, att, lab, autocast) / n_lab
+    def fwd(ids, att, lab):  # what Dist().wrap makes in one process: the loop's labels stay on the host
+        return lm_loss(model, ids, att, lab, autocast, head_ce=made.head_ce)
 
-    return model, loss_fn
+    run = Step(fwd, params, opt, None, device=device, max_grad_norm=1.0)
+    ids, att, lab = batch(args, model.config.vocab_size)
+    micro, n_lab = [(ids, att, lab, True)], int((lab[:, 1:] != -100).sum())
+    return (lambda phase: run(micro, n_lab, phase)), made, opt, speed.flat_params
 
 
 def make_stock(path, args, device, liger: bool):
@@ -132,12 +152,24 @@ def make_stock(path, args, device, liger: bool):
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=args.dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(params, device, args.optim)
+    ids, att, lab = (t.to(device) for t in batch(args, model.config.vocab_size))  # on the device once
 
-    def loss_fn(ids, att, lab, n_lab):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            return model(input_ids=ids, attention_mask=att, labels=lab).loss
+    def step(phase):
+        """The stock transformers + peft step (what a Trainer runs), the reference phikit's is measured against."""
+        with phase("phase:forward"):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        with phase("phase:backward"):
+            loss.backward()
+        with phase("phase:optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    return model, loss_fn
+    return step, opt
 
 
 def worker(args) -> dict:
@@ -150,52 +182,29 @@ def worker(args) -> dict:
 
         key, value = kv.split("=", 1)
         setattr(ic, key, int(value) if value.isdigit() else value)
+    from phikit.train.step import Readback
+
     t_load = time.perf_counter()
-    if args.impl == "phikit-bnb-nf4":  # the default path, but its compiled layers call bitsandbytes for NF4
-        import phikit.train.fast
-
-        phikit.train.fast.COMPILE_NF4 = False
+    made, flat = None, False
     if args.impl.startswith("phikit"):
-        model, loss_fn = make_phikit(args.path, args, device, offload=args.impl != "phikit-no-offload",
-                                     compile=args.impl in ("phikit", "phikit-per-tensor", "phikit-bnb-nf4"))
+        one_step, made, opt, flat = make_phikit(args.path, args, device)
     else:
-        model, loss_fn = make_stock(args.path, args, device, liger=args.impl == "stock-liger")
+        one_step, opt = make_stock(args.path, args, device, liger=args.impl == "stock-liger")
     load_s = time.perf_counter() - t_load
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = args.impl.startswith("phikit") and args.impl != "phikit-per-tensor"
-    if flat:  # what phikit's loop does in one process: the optimizer steps one flat tensor
-        from phikit.train.fast import flat_parameters
-
-        params = flat_parameters(params)
-    opt = optimizer(params, device, args.optim, phikit=args.impl.startswith("phikit"))
-    ids, att, lab = batch(args, model.config.vocab_size)
-    n_lab = int((lab[:, 1:] != -100).sum())
-    if not args.impl.startswith("phikit"):
-        ids, att, lab = ids.to(device), att.to(device), lab.to(device)
     cuda = device == "cuda"
     if cuda:
         load_peak = torch.cuda.max_memory_allocated()
         torch.cuda.empty_cache()  # the loader's freed blocks: so the reserved peak is the training's own
         torch.cuda.reset_peak_memory_stats()
-    losses, done = [], []
+    losses, readback = [], Readback()
 
     def step(k: int, phase=torch.profiler.record_function) -> None:
-        """One optimizer step; `phase(name)` wraps each phase (a profiler annotation, or `phases`' timing marks)."""
+        """One optimizer step; `phase(name)` wraps each phase (a profiler annotation, or `phases`' timing marks).
+        Its loss is read as phikit's loop reads it, one step late, so the host is at most one step ahead of the GPU."""
         torch.manual_seed(100 + k)  # the same dropout masks on every side that uses torch's dropout
-        with phase("phase:forward"):
-            loss = loss_fn(ids, att, lab, n_lab)
-        with phase("phase:backward"):
-            loss.backward()
-        with phase("phase:optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        opt.zero_grad(set_to_none=not flat)  # flat: zeroed in place, the views keep their buffer
-        losses.append(loss.detach())  # read after the timed steps: float(loss) here would wait for the GPU each step
-        if cuda:  # the host at most one step ahead of the GPU, as in phikit's loop (which reads each loss one step late)
-            done.append(torch.cuda.Event())
-            done[-1].record()
-            if len(done) > 1:
-                done.pop(0).synchronize()
+        loss = one_step(phase)
+        losses.extend(v for v, _ in readback.ready())
+        readback.push(loss)
 
     t_first = time.perf_counter()
     for k in range(args.warmup):
@@ -212,6 +221,7 @@ def worker(args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
+    losses.extend(v for v, _ in readback.ready())
     row = {"impl": args.impl, "size": args.size, "seq": args.seq, "micro_batch": args.micro_batch, "label_frac": args.label_frac,
            "lora_dropout": args.dropout,
            "tokens_per_s": round(args.micro_batch * args.seq / dt, 1), "step_s": round(dt, 4),
@@ -221,9 +231,7 @@ def worker(args) -> dict:
            "load_peak_gib": round(load_peak / 2**30, 3) if cuda else None, "load_s": round(load_s, 1),
            "steps": args.steps, "warmup": args.warmup, "first_step_s": round(first_step_s, 1) if args.warmup else None, "losses": [round(float(v), 5) for v in losses], "optimizer": type(opt).__name__ + (" (flat)" if flat else ""), **({"inductor": args.inductor} if args.inductor else {}), "quant": "nf4" if cuda else "none"}
     if args.impl == "phikit":
-        from phikit.train.fast import _Compiled
-
-        row["compiled"] = bool(_Compiled.made) and not any(c.failed for c in _Compiled.made)
+        row["compiled"] = made.compiled_ok
     if cuda:
         row["phases"] = phases(step)
     if args.profile and cuda:

@@ -85,6 +85,7 @@ def test_gptq_refuses_existing_out_wrong_adapter_and_bad_settings(tiny_dirs, tmp
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "microsoft/phi-4"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # present: the base check comes before any load
     with pytest.raises(PhikitError, match="trained on 'microsoft/phi-4', not on 'phi3'"):
         export(str(tiny_dirs["phi3"]), format="gptq", out=tmp_path / "q2", adapter=str(adapter), calib=str(_calib_file(tmp_path)), gptq=_settings())
 

@@ -1,4 +1,4 @@
-"""The training fast path (train/fast.py) against the stock path, at tiny size on the CPU (and on CUDA when present).
+"""The training speed-ups (train/speedups/) against the stock path, at tiny size on the CPU (and on CUDA when present).
 
 Tolerances: on the CPU everything is fp32 and the two paths differ only in
 summation order (chunked vs whole logits; recompute vs stored activations),
@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phikit.train.fast import flat_parameters, linear_cross_entropy
+from phikit.train.speedups.chunked_ce import ChunkedCE, linear_cross_entropy
+from phikit.train.speedups.flat_params import flat_parameters
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine); CI is CPU-only")
 
@@ -35,13 +36,14 @@ def test_linear_cross_entropy_equals_full_logits(chunk):
 
 def test_compiled_cross_entropy_chunk_equals_eager():
     """The chunk function as CUDA runs it (torch.compile, dynamic shapes: the last chunk is shorter) against eager."""
-    from phikit.train.fast import _ce_chunk, _Compiled
+    from phikit.train.speedups.chunked_ce import ce_chunk
+    from phikit.train.speedups.compiled import Compiled
 
-    compiled = _Compiled(_ce_chunk, dynamic=True)
+    compiled = Compiled(ce_chunk, dynamic=True)
     torch.manual_seed(0)
     for rows in (7, 5):
         logits, t = torch.randn(rows, 300).bfloat16(), torch.randint(0, 300, (rows,))
-        (loss, grad), (want_loss, want_grad) = compiled(logits, t, True), _ce_chunk(logits, t, True)
+        (loss, grad), (want_loss, want_grad) = compiled(logits, t, True), ce_chunk(logits, t, True)
         assert not compiled.failed
         assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
         assert grad.dtype == torch.bfloat16 and torch.allclose(grad.float(), want_grad.float(), atol=1e-5, rtol=1e-2)
@@ -68,7 +70,8 @@ def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float
 
     from phikit.models.registry import PHI_LORA_TARGETS, ModelSpec
     from phikit.train.config import make_config
-    from phikit.train.loop import _lm_loss, prepare_lora
+    from phikit.train.loop import prepare_lora
+    from phikit.train.step import lm_loss
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
@@ -76,7 +79,7 @@ def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else __import__("contextlib").nullcontext
     if fast:
         cfg = make_config(lora_dropout=dropout, gradient_checkpointing=True, offload_activations=True, seed=0)
-        model, _ = prepare_lora(model, cfg, ModelSpec("tiny", None, "phi4-mini", lora_targets=PHI_LORA_TARGETS), "none", device)
+        model, _, made = prepare_lora(model, cfg, ModelSpec("tiny", None, "phi4-mini", lora_targets=PHI_LORA_TARGETS), "none", device)
     else:
         model.config.use_cache = False
         torch.manual_seed(0)
@@ -92,7 +95,7 @@ def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float
     for step in range(steps):
         torch.manual_seed(100 + step)  # the same dropout masks on both paths
         if fast:
-            loss = _lm_loss(model, ids, att, lab, autocast) / n_lab
+            loss = lm_loss(model, ids, att, lab, autocast, head_ce=made.head_ce) / n_lab
         else:
             with autocast():
                 loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
@@ -142,7 +145,7 @@ def test_flat_parameters_accumulate_and_step_like_separate_tensors():
 def test_offloaded_layers_run_plainly_in_eval_and_without_grad(tiny_dirs):
     from transformers import AutoModelForCausalLM
 
-    from phikit.train.fast import offload_checkpointing
+    from phikit.train.speedups.offload import offload_checkpointing
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["phi4-mini"], dtype=torch.float32)
     ids = _batch(model.config.vocab_size)[0]
@@ -185,14 +188,17 @@ def _lora_model(model_dir, dropout: float, dtype=torch.float64):
     return model
 
 
+_HEAD_CE = ChunkedCE()  # the head and cross-entropy in chunks, as the loop runs them
+
+
 def _loss_and_grads(model, batch, seed=7, grads=True):
     from contextlib import nullcontext
 
-    from phikit.train.loop import _lm_loss
+    from phikit.train.step import lm_loss
 
     ids, att, lab = batch
     torch.manual_seed(seed)
-    loss = _lm_loss(model, ids, att, lab, nullcontext)
+    loss = lm_loss(model, ids, att, lab, nullcontext, head_ce=_HEAD_CE)
     params = [p for p in model.parameters() if p.requires_grad]
     if not grads:
         return loss, params, None
@@ -204,7 +210,7 @@ def _loss_and_grads(model, batch, seed=7, grads=True):
 
 
 def test_tiled_mlp_equals_the_plain_mlp_without_dropout(tiny_dirs):
-    from phikit.train.fast import tile_mlp
+    from phikit.train.speedups.tiled_mlp import tile_mlp
 
     model = _lora_model(tiny_dirs["phi4-mini"], dropout=0.0)
     batch = _batch(model.config.vocab_size)
@@ -221,7 +227,8 @@ def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs, com
     """With dropout on, the recomputes must draw the masks the forward drew. A directional
     finite difference of the loss (same seed, so same masks) checks the gradient they produce,
     eagerly and through the compiled layers (whose dropout draws its own random numbers)."""
-    from phikit.train.fast import offload_checkpointing, tile_mlp
+    from phikit.train.speedups.offload import offload_checkpointing
+    from phikit.train.speedups.tiled_mlp import tile_mlp
 
     if compile and torch.__version__ < (2, 13):
         # torch 2.11's inductor on the CPU, in float64 with fallback_random, raises "expected scalar type Double
@@ -257,7 +264,8 @@ def test_compiled_layers_give_eager_gradients_on_cuda(tiny_dirs):
     """On CUDA (fp32, dropout on), the compiled offloaded layers give the eager path's loss and gradients:
     the same dropout masks in the no-grad forward and in the recompute (eager is checked by finite differences).
     Both sides run fast_lora (the compiled path applies it), so both draw the hashed masks."""
-    from phikit.train.fast import fast_lora, offload_checkpointing
+    from phikit.train.speedups.fast_lora import fast_lora
+    from phikit.train.speedups.offload import offload_checkpointing
 
     results = []
     for compile in (False, True):
@@ -291,7 +299,7 @@ def test_host_embedding_keeps_what_it_cannot_move(tiny_dirs):
     """Off the GPU, tied to the head, or trained: the input embedding stays where it is."""
     from transformers import AutoModelForCausalLM
 
-    from phikit.train.fast import host_embedding
+    from phikit.train.speedups.host_embedding import host_embedding
 
     untied = AutoModelForCausalLM.from_pretrained(tiny_dirs["phi4"])
     before = untied.get_input_embeddings().weight
@@ -307,7 +315,7 @@ def test_host_embedding_keeps_what_it_cannot_move(tiny_dirs):
 def test_host_embedding_frees_gpu_memory_and_keeps_the_outputs(tiny_dirs):
     from transformers import AutoModelForCausalLM
 
-    from phikit.train.fast import host_embedding
+    from phikit.train.speedups.host_embedding import host_embedding
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["phi4"], dtype=torch.bfloat16).cuda().requires_grad_(False)
     ids = torch.randint(0, model.config.vocab_size, (2, 17), device="cuda")
@@ -347,7 +355,7 @@ def test_compiled_nf4_layers_equal_bitsandbytes_and_share_one_graph(monkeypatch)
     pytest.importorskip("bitsandbytes")
     import bitsandbytes
 
-    from phikit.train.fast import compile_nf4
+    from phikit.train.speedups.nf4 import compile_nf4
 
     torch.manual_seed(0)
     blocks = [_NF4Block() for _ in range(3)]
@@ -380,7 +388,7 @@ def test_compiled_nf4_layers_equal_bitsandbytes_and_share_one_graph(monkeypatch)
 
 
 def test_hash_dropout_keeps_its_rate_and_replays_with_the_generator():
-    from phikit.train.fast import _hash_dropout, hash_dropout
+    from phikit.train.speedups.hashed_dropout import _hash_dropout, hash_dropout
 
     x = torch.ones(1000, 1000)
     torch.manual_seed(0)
@@ -406,7 +414,7 @@ def test_hash_dropout_in_int32_is_the_uint32_hash():
     """The int32 arithmetic (wrapping multiplies, masked shifts, sign-flipped compare) keeps exactly the elements
     the hash in plain uint32 arithmetic (computed here in int64, masked to 32 bits) keeps: eager, compiled as
     inside a layer (the rate a constant), and compiled once for every rate, as hash_dropout does outside one."""
-    from phikit.train.fast import _I32_MIN, _dropped, _hash_dropout
+    from phikit.train.speedups.hashed_dropout import _I32_MIN, _dropped, _hash_dropout
 
     m = 0xFFFFFFFF
 
@@ -429,7 +437,7 @@ def test_hash_dropout_in_int32_is_the_uint32_hash():
 def test_fast_lora_equals_peft_and_defers_to_it_outside_the_plain_case(tiny_dirs):
     """fast_lora's forward (scaling on the rank-r product) gives peft's loss and gradients, with scaling != 1;
     with the adapter disabled or merged it is peft's own forward."""
-    from phikit.train.fast import fast_lora
+    from phikit.train.speedups.fast_lora import fast_lora
 
     model = _lora_model(tiny_dirs["phi4-mini"], dropout=0.0)  # r=4, alpha=8: scaling 2
     batch = _batch(model.config.vocab_size)
@@ -447,3 +455,22 @@ def test_fast_lora_equals_peft_and_defers_to_it_outside_the_plain_case(tiny_dirs
         adapted = model(input_ids=batch[0]).logits
         model.merge_adapter()
         assert torch.allclose(model(input_ids=batch[0]).logits, adapted, rtol=1e-9, atol=1e-9)
+
+
+def test_speed_options_follow_the_config_and_the_device():
+    """What setup turns on: everything on CUDA in one process, the chunked head alone on the CPU, no offloading,
+    flat buffer or compile with several processes; a flag set to false keeps its speed-up off."""
+    from phikit.errors import PhikitError
+    from phikit.train.config import TrainConfig
+    from phikit.train.speedups import SpeedOptions
+
+    cuda = SpeedOptions.for_run(TrainConfig(), "cuda:0")
+    assert cuda.checkpointing and cuda.offload and cuda.compile and cuda.host_embedding and cuda.flat_params and cuda.adamw8bit
+    cpu = SpeedOptions.for_run(TrainConfig(), "cpu")
+    assert cpu.chunked_ce and cpu.flat_params and not (cpu.checkpointing or cpu.offload or cpu.compile or cpu.adamw8bit)
+    two = SpeedOptions.for_run(TrainConfig(), "cuda:0", processes=2)
+    assert two.checkpointing and not (two.offload or two.compile or two.flat_params or two.host_embedding)
+    assert not SpeedOptions.for_run(TrainConfig(compile=False), "cuda").compile
+    assert not SpeedOptions.for_run(TrainConfig(optimizer="adamw"), "cuda").adamw8bit
+    with pytest.raises(PhikitError, match="one process"):
+        SpeedOptions.for_run(TrainConfig(offload_activations=True), "cuda", processes=2)

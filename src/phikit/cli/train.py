@@ -28,7 +28,10 @@ HELP: dict[str | None, dict[str, str]] = {
         "data": "training data: SQuAD 2.0 .json, .jsonl (messages | context+question+answer | text), or 'squad2'",
         "out": "output directory (adapter, phikit.json, log.jsonl, loss.png, checkpoints/) [phikit-adapter]",
         "model": "base model: registry name, HF directory, .gguf or hub id [embedded SmolLM2-135M]",
-        "quant": "base weights: nf4 (QLoRA) or none [auto: nf4 on CUDA, none on CPU]",
+        "quant": "base weights: nf4 (QLoRA), nf4-dynamic (NF4 but its most sensitive layers in 16-bit: docs/quantize.md) "
+                 "or none [auto: nf4 on CUDA, none on CPU; a folder saved by `phikit quantize` loads as saved]",
+        "llamafy": "train a Phi-3-family base in its Llama layout (converted once into OUT/base-llama): q/k/v and "
+                   "gate/up get LoRA of their own [false]",
         "device": "cpu | cuda | auto [auto]",
         "format": "chat format when it cannot be detected (chatml, phi3, phi4-mini, phi4)",
     },
@@ -61,6 +64,10 @@ HELP: dict[str | None, dict[str, str]] = {
         "val_split": "fraction held out for eval loss [0.05]",
         "val_data": "separate validation file (instead of --val-split)",
         "eval_every_epoch": "eval loss on the validation examples at the end of each epoch [true]",
+        "recipe": "facts: the fact-injection recipe (examples/facts_recipe.yaml: phrasings, replay, lr, epochs); "
+                  "auto picks it for question/answer .jsonl without context when no --lr/--epochs/--max-steps is given [auto]",
+        "fact_paraphrases": "question phrasings per fact, from templates (the facts recipe: 4) [1]",
+        "replay": "prompts whose base-model answers are trained on beside the facts, to keep other answers (the facts recipe: 32) [0]",
         "squad_answerable_ratio": "SQuAD: answerable per unanswerable example, e.g. 2",
         "squad_max_context_words": "SQuAD: skip paragraphs longer than this (cheaper CPU runs)",
         "squad_questions_per_context": "SQuAD: up to N questions of a paragraph in one conversation (follow-up turns) [1]",
@@ -76,7 +83,8 @@ HELP: dict[str | None, dict[str, str]] = {
 }
 ARGS: dict[str, dict] = {  # argparse keywords beyond type and help
     "model": {"flags": ("--model", "-m")},
-    "quant": {"choices": ["auto", "nf4", "none"]},
+    "quant": {"choices": ["auto", "nf4", "nf4-dynamic", "none"]},
+    "recipe": {"choices": ["auto", "facts", "none"]},
     "optimizer": {"choices": ["auto", "adamw8bit", "adamw"]},
     "strategy": {"choices": ["ddp", "fsdp"]},
     "resume": {"action": "store_true"},

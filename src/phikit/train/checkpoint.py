@@ -208,7 +208,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, dist
         set_peft_model_state_dict(model, blob["adapter"])
         try:
             optimizer.load_state_dict(blob["optimizer"])
-        except ValueError as e:  # e.g. per-tensor state from before the flat LoRA buffer (train/fast.flat_parameters)
+        except ValueError as e:  # e.g. per-tensor state from before the flat LoRA buffer (train/speedups/flat_params.py)
             raise PhikitError(f"{path}: its optimizer state does not fit this run's optimizer ({e}); it was written by "
                               "another phikit version or setup: start a new run (another --out)") from None
     scheduler.load_state_dict(blob["scheduler"])

@@ -48,7 +48,7 @@ def check_strategy(strategy: str, quant: str) -> None:
     """Refuse what FSDP cannot do here, before the model load."""
     if strategy not in STRATEGIES:
         raise PhikitError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if strategy == "fsdp" and quant == "nf4":
+    if strategy == "fsdp" and quant in ("nf4", "nf4-dynamic"):
         # fully_shard turns every parameter into a DTensor shard; bitsandbytes' NF4 weights (Params4bit, with
         # their quantisation state beside the packed bytes) are not split and gathered that way. QLoRA under
         # FSDP1 with bnb_4bit_quant_storage (answer.ai's recipe) exists, but needs a GPU to build and check.

@@ -1,0 +1,64 @@
+# phikit's training step against a previous commit's and against Unsloth, in one device call, on the same random
+# checkpoint per shape (train_speed.build_random) and the same batch. Each side runs in a process of its own.
+#   run: bash benchmarks/gpu/train_compare.sh [mini] [phi4] [test]      carry: .pk .carry/old
+#   PREBUILD=phi-4 with `test`: that shape's checkpoint is built while the tests run, for a later call on the warm machine
+#   .pk        ../shared/peers/build_h200_pack.sh's packs (bitsandbytes + liger-kernel; Unsloth) and unsloth_train.py
+#   .carry/old the previous commit's code: git archive HEAD src benchmarks/train_speed.py | tar -x -C .carry/old
+# Rows (train_speed's fields, plus "side": new | old | unsloth) go to $OUT/train_compare.jsonl.
+# STEPS / WARMUP: timed and untimed steps of each side [8 / 2]; IMPL: the phikit variant of train_speed.py [phikit];
+# LLAMAFY=1: also the new side on the checkpoint converted to the Llama layout (issue 24), side new-llama.
+# SIDES: which of old, new, unsloth run [all three].
+set -o pipefail
+if [ ! -e /tmp/uns/.done ]; then
+  mkdir -p /tmp/bnb /tmp/uns
+  tar -xJf .pk/bnb.tar.xz -C /tmp/bnb && tar -xJf .pk/unsloth.tar.xz -C /tmp/uns && touch /tmp/uns/.done || exit 1
+fi
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1
+OLD=${OLD:-.carry/old} STEPS=${STEPS:-8} WARMUP=${WARMUP:-2} ROWS=$OUT/train_compare.jsonl
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+echo "$GPU"
+PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "import sys, json; sys.path.insert(0, 'benchmarks'); import train_speed as t; print(json.dumps(t.environment()))" >> "$ROWS" &
+
+row() {  # stdin: a side's stdout; appends its ROW line with the side's name and the GPU's (stderr: $OUT/SIDE-SIZE.log)
+  python3 -c "
+import json, sys
+for line in sys.stdin:
+    if line.startswith('ROW '):
+        r = json.loads(line[4:]); r.update(side='$1', gpu='$GPU'); print(json.dumps(r))" | tee -a "$ROWS"
+}
+
+build() {  # the random checkpoint of shape $1 in /tmp/ck-$1 (kept until that shape has run, also across warm calls)
+  PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import train_speed as t; t.build_random('/tmp/ck-$1', '$1', 4096)" \
+    && touch /tmp/ck-$1/.built
+}
+
+for what in "$@"; do
+  case $what in
+    mini) size=phi-4-mini mb=2 ;;
+    phi4) size=phi-4 mb=1 ;;
+    tiny) size=tiny mb=2 ;;  # on the CPU: checks this script (Unsloth gives no row there)
+    test) [ -n "$PREBUILD" ] && { build "$PREBUILD" & }  # the next call's checkpoint, written while the tests run (untimed)
+          PYTHONPATH=/tmp/bnb:$PWD/src timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rs -k "${TEST_K:-cuda or host}" tests/test_train_fast.py tests/test_train.py 2>&1 | tail -15
+          wait
+          continue ;;
+    *) echo "unknown: $what"; continue ;;
+  esac
+  ck=/tmp/ck-$size
+  [ -e $ck/.built ] || build $size || exit 1
+  args="--impl ${IMPL:-phikit} --path $ck --size $size --seq 2048 --micro-batch $mb --dropout 0 --steps $STEPS --warmup $WARMUP"
+  SIDES=${SIDES:-old new unsloth}
+  [[ $SIDES == *old* ]] && PYTHONPATH=/tmp/bnb timeout 200 python3 $OLD/benchmarks/train_speed.py $args 2>>$OUT/old-$size.log | row old
+  [[ $SIDES == *new* ]] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/train_speed.py $args 2>>$OUT/new-$size.log | row new
+  [[ $SIDES == *unsloth* ]] && PYTHONPATH=/tmp/uns:/tmp/bnb timeout 200 python3 .pk/unsloth_train.py --path $ck --size $size --seq 2048 --micro-batch $mb \
+    --dropout 0 --steps $STEPS --warmup $WARMUP 2>>$OUT/unsloth-$size.log | row unsloth
+  if [ -n "$LLAMAFY" ]; then  # the same checkpoint in the Llama layout (models/llamafy.to_llama), phikit's new side on it
+    PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "
+import torch
+from transformers import AutoModelForCausalLM
+from phikit.models.llamafy import to_llama
+to_llama(AutoModelForCausalLM.from_pretrained('$ck', dtype=torch.bfloat16)).save_pretrained('$ck-llama')" 2>>$OUT/llamafy-$size.log \
+      && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/train_speed.py ${args/$ck/$ck-llama} 2>>$OUT/new-llama-$size.log | row new-llama
+    rm -rf "$ck-llama"
+  fi
+  rm -rf "$ck"
+done

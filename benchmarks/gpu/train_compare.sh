@@ -3,7 +3,7 @@
 #   run: bash benchmarks/gpu/train_compare.sh [mini] [phi4] [test]      carry: .pk .carry/old
 #   PREBUILD=phi-4 with `test`: that shape's checkpoint is built while the tests run, for a later call on the warm machine
 #   .pk        ../shared/peers/build_h200_pack.sh's packs (bitsandbytes + liger-kernel; Unsloth) and unsloth_train.py
-#   .carry/old the previous commit's code: git archive HEAD src benchmarks/train_speed.py | tar -x -C .carry/old
+#   .carry/old the previous commit's code: git archive HEAD src benchmarks | tar -x -C .carry/old
 # Rows (train_speed's fields, plus "side": new | old | unsloth) go to $OUT/train_compare.jsonl.
 # STEPS / WARMUP: timed and untimed steps of each side [8 / 2]; IMPL: the phikit variant of train_speed.py [phikit];
 # LLAMAFY=1: also the new side on the checkpoint converted to the Llama layout (issue 24), side new-llama.
@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_B
 OLD=${OLD:-.carry/old} STEPS=${STEPS:-8} WARMUP=${WARMUP:-2} ROWS=$OUT/train_compare.jsonl
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 echo "$GPU"
-PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "import sys, json; sys.path.insert(0, 'benchmarks'); import train_speed as t; print(json.dumps(t.environment()))" >> "$ROWS" &
+PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "import sys, json; sys.path.insert(0, 'benchmarks/speed'); import train_speed as t; print(json.dumps(t.environment()))" >> "$ROWS" &
 
 row() {  # stdin: a side's stdout; appends its ROW line with the side's name and the GPU's (stderr: $OUT/SIDE-SIZE.log)
   python3 -c "
@@ -28,7 +28,7 @@ for line in sys.stdin:
 }
 
 build() {  # the random checkpoint of shape $1 in /tmp/ck-$1 (kept until that shape has run, also across warm calls)
-  PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import train_speed as t; t.build_random('/tmp/ck-$1', '$1', 4096)" \
+  PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "import sys; sys.path.insert(0, 'benchmarks/speed'); import train_speed as t; t.build_random('/tmp/ck-$1', '$1', 4096)" \
     && touch /tmp/ck-$1/.built
 }
 
@@ -47,8 +47,8 @@ for what in "$@"; do
   [ -e $ck/.built ] || build $size || exit 1
   args="--impl ${IMPL:-phikit} --path $ck --size $size --seq 2048 --micro-batch $mb --dropout 0 --steps $STEPS --warmup $WARMUP"
   SIDES=${SIDES:-old new unsloth}
-  [[ $SIDES == *old* ]] && PYTHONPATH=/tmp/bnb timeout 200 python3 $OLD/benchmarks/train_speed.py $args 2>>$OUT/old-$size.log | row old
-  [[ $SIDES == *new* ]] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/train_speed.py $args 2>>$OUT/new-$size.log | row new
+  [[ $SIDES == *old* ]] && PYTHONPATH=/tmp/bnb timeout 200 python3 $(ls $OLD/benchmarks/speed/train_speed.py $OLD/benchmarks/train_speed.py 2>/dev/null | head -1) $args 2>>$OUT/old-$size.log | row old
+  [[ $SIDES == *new* ]] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $args 2>>$OUT/new-$size.log | row new
   [[ $SIDES == *unsloth* ]] && PYTHONPATH=/tmp/uns:/tmp/bnb timeout 200 python3 .pk/unsloth_train.py --path $ck --size $size --seq 2048 --micro-batch $mb \
     --dropout 0 --steps $STEPS --warmup $WARMUP 2>>$OUT/unsloth-$size.log | row unsloth
   if [ -n "$LLAMAFY" ]; then  # the same checkpoint in the Llama layout (models/llamafy.to_llama), phikit's new side on it
@@ -57,7 +57,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from phikit.models.llamafy import to_llama
 to_llama(AutoModelForCausalLM.from_pretrained('$ck', dtype=torch.bfloat16)).save_pretrained('$ck-llama')" 2>>$OUT/llamafy-$size.log \
-      && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/train_speed.py ${args/$ck/$ck-llama} 2>>$OUT/new-llama-$size.log | row new-llama
+      && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py ${args/$ck/$ck-llama} 2>>$OUT/new-llama-$size.log | row new-llama
     rm -rf "$ck-llama"
   fi
   rm -rf "$ck"

@@ -6,15 +6,15 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=e
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for what in "$@"; do
   case $what in
-    mini) python benchmarks/train_speed.py --impls ${IMPLS:-phikit,phikit-eager,phikit-no-offload,stock,stock-liger} --profile --out $OUT/train_speed_mini.jsonl ;;
-    curve) python benchmarks/train_speed.py --impls phikit,stock --dropout 0 --out $OUT/train_speed_curve.jsonl ;;
-    long) timeout 300 python benchmarks/train_speed.py --impls phikit --seq ${LONG_SEQ:-131072} --micro-batch 1 --steps 1 --warmup 1 --out $OUT/train_speed_long.jsonl ;;
-    variants) python benchmarks/train_speed.py --impls phikit --dropout 0 --out $OUT/train_speed_variants.jsonl; python benchmarks/train_speed.py --impls phikit --optim adamw-fused --out $OUT/train_speed_variants.jsonl ;;
-    phi4) python benchmarks/train_speed.py --size phi-4 --micro-batch 1 --impls ${IMPLS4:-phikit,stock} --profile --out $OUT/train_speed_phi4.jsonl ;;
-    mem) python benchmarks/train_speed.py --impls phikit --memory --steps 3 --out $OUT/train_speed_mem.jsonl
-         python benchmarks/train_speed.py --size phi-4 --micro-batch 1 --impls phikit --memory --steps 3 --out $OUT/train_speed_mem.jsonl ;;
-    dropout) for d in 0.05 0; do python benchmarks/train_speed.py --impls phikit --dropout $d --out $OUT/train_speed_dropout.jsonl
-                                  python benchmarks/train_speed.py --size phi-4 --micro-batch 1 --impls phikit --dropout $d --out $OUT/train_speed_dropout.jsonl; done ;;
+    mini) python benchmarks/speed/train_speed.py --impls ${IMPLS:-phikit,phikit-eager,phikit-no-offload,stock,stock-liger} --profile --out $OUT/train_speed_mini.jsonl ;;
+    curve) python benchmarks/speed/train_speed.py --impls phikit,stock --dropout 0 --out $OUT/train_speed_curve.jsonl ;;
+    long) timeout 300 python benchmarks/speed/train_speed.py --impls phikit --seq ${LONG_SEQ:-131072} --micro-batch 1 --steps 1 --warmup 1 --out $OUT/train_speed_long.jsonl ;;
+    variants) python benchmarks/speed/train_speed.py --impls phikit --dropout 0 --out $OUT/train_speed_variants.jsonl; python benchmarks/speed/train_speed.py --impls phikit --optim adamw-fused --out $OUT/train_speed_variants.jsonl ;;
+    phi4) python benchmarks/speed/train_speed.py --size phi-4 --micro-batch 1 --impls ${IMPLS4:-phikit,stock} --profile --out $OUT/train_speed_phi4.jsonl ;;
+    mem) python benchmarks/speed/train_speed.py --impls phikit --memory --steps 3 --out $OUT/train_speed_mem.jsonl
+         python benchmarks/speed/train_speed.py --size phi-4 --micro-batch 1 --impls phikit --memory --steps 3 --out $OUT/train_speed_mem.jsonl ;;
+    dropout) for d in 0.05 0; do python benchmarks/speed/train_speed.py --impls phikit --dropout $d --out $OUT/train_speed_dropout.jsonl
+                                  python benchmarks/speed/train_speed.py --size phi-4 --micro-batch 1 --impls phikit --dropout $d --out $OUT/train_speed_dropout.jsonl; done ;;
     test) python -m pytest -q -p no:cacheprovider tests/test_train_fast.py tests/test_train.py 2>&1 | tail -5 ;;
   esac
 done

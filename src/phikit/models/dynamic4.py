@@ -40,7 +40,7 @@ SEQ_LEN = 512
 # fisher: the output change seen through the model's own next-token distribution (see measure_layers), an
 # estimate of the KL divergence that quantising that layer alone adds, so layers compare in one unit.
 METRICS = ("output", "weight", "output_mse", "fisher")
-DEFAULT_METRIC = "fisher"  # ranked layers best on the embedded model: benchmarks/results/dynamic_nf4_cpu.json
+DEFAULT_METRIC = "fisher"  # ranked layers best on the embedded model: benchmarks/results/dynamic_nf4_cpu.jsonl (row final)
 REPORT_FILE = "phikit-quantize.json"
 
 

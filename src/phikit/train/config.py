@@ -97,7 +97,7 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-# The fact-injection recipe (docs/train.md, benchmarks/facts.py): settings under the config file and the flags.
+# The fact-injection recipe (docs/train.md, benchmarks/quality/facts.py): settings under the config file and the flags.
 FACTS_RECIPE = dict(lr=2e-3, epochs=5, micro_batch=8, grad_accum=1, val_split=0.0, max_seq=512, fact_paraphrases=4, replay=32)
 
 

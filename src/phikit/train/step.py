@@ -3,7 +3,7 @@ batch accumulated (DDP's no_sync on all but the last), the gradient clipped, the
 the schedule stepped, the gradients zeroed in place; and the loss read on the host one step late.
 
 The training loop (loop.py) calls `Step` once per optimizer step and `Readback` for its log;
-benchmarks/train_speed.py times the same `Step`, so what it measures is what `phikit train` runs.
+benchmarks/speed/train_speed.py times the same `Step`, so what it measures is what `phikit train` runs.
 Nothing here knows which speed-ups are on: they are in the model, the parameters, the optimizer
 and the `head_ce` given to `lm_loss` (see speedups/).
 """

@@ -1,6 +1,6 @@
 """The training speed-ups: what lets a QLoRA step run in a few GB and fast. One module per technique, each
 switched by one field of `SpeedOptions`, which setup builds from the TrainConfig and the device
-(`SpeedOptions.for_run`) and benchmarks/train_speed.py builds per variant:
+(`SpeedOptions.for_run`) and benchmarks/speed/train_speed.py builds per variant:
 
     offload         offload.py         decoder layers checkpointed, their inputs in pinned CPU memory
     compile         compiled.py        each offloaded layer through torch.compile, one region for all

@@ -8,10 +8,10 @@ Each side runs in its own process, so its peak memory is its own. phikit's sides
 path: `SpeedOptions` less the speed-ups a variant turns off (VARIANTS), set up by `prepare_lora`, stepped
 by `phikit.train.step.Step`, each loss read one step late by `Readback`, as `phikit train` does.
 
-    python benchmarks/train_speed.py --out results.jsonl                       # Phi-4-mini, seq 2048, micro-batch 2
-    python benchmarks/train_speed.py --size phi-4 --micro-batch 1              # phi-4 (14B) shape
-    python benchmarks/train_speed.py --impls phikit --seq 131072 --micro-batch 1 --steps 1 --warmup 0   # longest sequence
-    python benchmarks/train_speed.py --tiny                                    # CPU, tiny shape: checks the script
+    python benchmarks/speed/train_speed.py --out results.jsonl                       # Phi-4-mini, seq 2048, micro-batch 2
+    python benchmarks/speed/train_speed.py --size phi-4 --micro-batch 1              # phi-4 (14B) shape
+    python benchmarks/speed/train_speed.py --impls phikit --seq 131072 --micro-batch 1 --steps 1 --warmup 0   # longest sequence
+    python benchmarks/speed/train_speed.py --tiny                                    # CPU, tiny shape: checks the script
 
 One JSON object per side: tokens_per_s (all tokens of the batch over the step time), step_s,
 peak_mem_gib (the most allocated on the GPU while training, resident weights included; GiB),
@@ -34,7 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import ROOT, add_out, emit  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "src"))
 
 SHAPES = {
     "phi-4-mini": dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
@@ -461,7 +464,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one more step to each row")
     ap.add_argument("--memory", action="store_true", help="add the live GPU memory at one more step's peak, by allocation site")
-    ap.add_argument("--out", type=Path, help="append each row here (JSON lines)")
+    add_out(ap)
     ap.add_argument("--impl", help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -477,12 +480,11 @@ def main() -> None:
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run with --tiny on the CPU")
-    env = environment()
-    print(json.dumps(env), flush=True)
+    env = emit(environment(), args.out)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         build_random(d, args.size, max(4096, args.seq))
-        print(json.dumps({"row": "built", "size": args.size, "s": round(time.perf_counter() - t0, 1)}), flush=True)
+        emit({"row": "built", "size": args.size, "s": round(time.perf_counter() - t0, 1)}, args.out)
         for impl in args.impls.split(","):
             if impl == "stock-liger" and "absent" in str(env["liger_kernel"]) or args.tiny and impl == "stock-liger":
                 row = {"impl": impl, "skipped": "liger-kernel not installed" if not args.tiny else "Triton kernels need CUDA"}
@@ -496,10 +498,7 @@ def main() -> None:
                 err = p.stderr.strip().splitlines()
                 row = rows[0] if rows else {"impl": impl, "failed": (err[-1] if err else f"exit {p.returncode}")[:400]}
             row.update(gpu=env.get("gpu"))
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            emit(row, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 import os
 from pathlib import Path
 
-# Without an NVIDIA GPU, Triton kernels (tests/test_int4_kernel.py) run under Triton's interpreter on
+# Without an NVIDIA GPU, Triton kernels (tests/engine/test_int4_kernel.py) run under Triton's interpreter on
 # CPU tensors. Triton reads this once, when first imported, and torch may import it during collection
 # of any test module, so it is set here, before anything imports torch.
 if not any(Path("/dev").glob("nvidia[0-9]*")):

@@ -38,7 +38,7 @@ for what in "$@"; do
     phi4) size=phi-4 mb=1 ;;
     tiny) size=tiny mb=2 ;;  # on the CPU: checks this script (Unsloth gives no row there)
     test) [ -n "$PREBUILD" ] && { build "$PREBUILD" & }  # the next call's checkpoint, written while the tests run (untimed)
-          PYTHONPATH=/tmp/bnb:$PWD/src timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rs -k "${TEST_K:-cuda or host}" tests/test_train_fast.py tests/test_train.py 2>&1 | tail -15
+          PYTHONPATH=/tmp/bnb:$PWD/src timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rs -k "${TEST_K:-cuda or host}" tests/train/test_train_fast.py tests/train/test_train.py 2>&1 | tail -15
           wait
           continue ;;
     *) echo "unknown: $what"; continue ;;

@@ -15,6 +15,6 @@ for what in "$@"; do
          python benchmarks/speed/train_speed.py --size phi-4 --micro-batch 1 --impls phikit --memory --steps 3 --out $OUT/train_speed_mem.jsonl ;;
     dropout) for d in 0.05 0; do python benchmarks/speed/train_speed.py --impls phikit --dropout $d --out $OUT/train_speed_dropout.jsonl
                                   python benchmarks/speed/train_speed.py --size phi-4 --micro-batch 1 --impls phikit --dropout $d --out $OUT/train_speed_dropout.jsonl; done ;;
-    test) python -m pytest -q -p no:cacheprovider tests/test_train_fast.py tests/test_train.py 2>&1 | tail -5 ;;
+    test) python -m pytest -q -p no:cacheprovider tests/train/test_train_fast.py tests/train/test_train.py 2>&1 | tail -5 ;;
   esac
 done

@@ -119,6 +119,6 @@ def test_shipped_cpu_recipe_is_a_valid_config(tmp_path):
 
     from phikit.train import make_config
 
-    recipe = Path(__file__).resolve().parents[1] / "examples" / "squad_cpu_recipe.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "squad_cpu_recipe.yaml"
     cfg = make_config(str(recipe), out=str(tmp_path / "a"), limit=5)  # flags win over the file
     assert (cfg.squad_questions_per_context, cfg.squad_answerable_ratio, cfg.lr, cfg.limit) == (4, 2.0, 2e-3, 5)

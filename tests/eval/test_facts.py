@@ -16,7 +16,7 @@ from phikit.train.data import expand_facts, phrasings, read_jsonl
 
 from tiny import scripted_model
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _write(path, rows):

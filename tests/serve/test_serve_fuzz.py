@@ -5,7 +5,7 @@ examples per operation and mode (derandomized: the same requests every run), a 2
 limit, a 256-token context and a 32 KB body limit keep the run well under two minutes on 2 cores.
 
 Schemathesis never generates lone surrogates, and random bodies rarely pair a valid tool list with
-a malformed tool_choice: tests/test_serve_hostile.py pins those known cases; this finds unknown ones."""
+a malformed tool_choice: tests/serve/test_serve_hostile.py pins those known cases; this finds unknown ones."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def gpu_speed(args) -> None:
 
     from phikit.train import make_config, train
 
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks" / "speed")]
     from tiny import FAMILIES, build_model_dir
     from train_speed import SHAPES
 

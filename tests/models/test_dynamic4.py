@@ -227,3 +227,13 @@ def test_qlora_with_quant_nf4_dynamic_on_a_16bit_model(planted_dir, shared_data,
     for n in kept:  # each layer kept in 16-bit got LoRA, and its B moved off zero in the one step
         b = [k for k in w if n.split("model.", 1)[1] + ".lora_B" in k]
         assert b and float(w[b[0]].abs().sum()) > 0, n
+
+
+def test_calibration_file_that_is_not_utf8_is_a_clear_error(tmp_path):
+    from phikit.errors import DataError
+    from phikit.models.dynamic4 import calibration_texts
+
+    p = tmp_path / "calib.jsonl"
+    p.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"calib\.jsonl:1: not valid UTF-8"):
+        calibration_texts(str(p))

@@ -27,7 +27,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import DataError, PhikitError
+from ..errors import DataError, PhikitError, decode_utf8
 from .registry import ModelSpec, resolve
 
 log = logging.getLogger("phikit")
@@ -82,7 +82,7 @@ def calibration_texts(path: str | None = None) -> tuple[list[str], str]:
         texts = squad_contexts(p)
     elif p.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(decode_utf8(p.read_bytes(), str(p)).splitlines(), 1):
             if not line.strip():
                 continue
             try:

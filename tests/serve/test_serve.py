@@ -392,3 +392,40 @@ def test_phikit_serve_command(embedded_gguf):
         proc.wait(timeout=30)
     bad = subprocess.run([sys.executable, "-m", "phikit.cli.main", "serve", "--port", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--port must be in 1..65535" in bad.stderr
+
+
+def test_json_bodies_without_a_json_content_type_are_read(server, model):
+    # Ollama's curl examples (`curl -d`: a form type) and litellm's ollama providers (none) send JSON unmarked.
+    chat = {"model": model.name, "messages": HI, "stream": False, "options": {"num_predict": 4, "temperature": 0}}
+    for headers in ({}, {"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}):
+        r = httpx.post(server.url + "/api/chat", content=json.dumps(chat).encode(), headers=headers, timeout=120)
+        assert r.status_code == 200 and r.json()["message"]["content"], (headers, r.text)
+    body = {"model": model.name, "messages": HI, "max_tokens": 4, "temperature": 0}
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body).encode(), timeout=120)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    r = httpx.post(server.url + "/api/generate", content=b"{not json", timeout=60)  # still JSON's rules
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+
+
+@pytest.mark.parametrize("env, flags, want", [
+    ({}, (None, None), ("127.0.0.1", 11434)),
+    ({"OLLAMA_HOST": "0.0.0.0"}, (None, None), ("0.0.0.0", 11434)),
+    ({"OLLAMA_HOST": "0.0.0.0:8080"}, (None, None), ("0.0.0.0", 8080)),
+    ({"OLLAMA_HOST": "http://127.0.0.1:9000"}, (None, None), ("127.0.0.1", 9000)),
+    ({"OLLAMA_HOST": ":7000"}, (None, None), ("127.0.0.1", 7000)),
+    ({"OLLAMA_HOST": "[::1]:7001"}, (None, None), ("::1", 7001)),
+    ({"OLLAMA_HOST": "0.0.0.0:8080", "PHIKIT_HOST": "127.0.0.1:5000"}, (None, None), ("127.0.0.1", 5000)),
+    ({"OLLAMA_HOST": "0.0.0.0:8080"}, ("localhost", 6000), ("localhost", 6000)),  # flags win
+])
+def test_serve_binds_where_phikit_host_or_ollama_host_says(env, flags, want):
+    from phikit.cli.serve import bind_address
+
+    assert bind_address(*flags, environ=env) == want
+
+
+def test_a_bad_ollama_host_is_a_clear_error():
+    from phikit.cli.serve import bind_address
+    from phikit.errors import PhikitError
+
+    with pytest.raises(PhikitError, match="HOST:PORT"):
+        bind_address(None, None, environ={"OLLAMA_HOST": "0.0.0.0:http"})

@@ -8,13 +8,40 @@ import sys
 from .common import add_model_args
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11434  # Ollama's
+
+
+def host_port(value: str) -> tuple[str | None, int | None]:
+    """(host, port) of an address as Ollama's OLLAMA_HOST takes it: `host`, `host:port`, `:port`,
+    `http://host:port`, `[::1]:port`; a part left out is None. Raises PhikitError on a bad port."""
+    from urllib.parse import urlsplit
+
+    from ..errors import PhikitError
+
+    v = value.strip()
+    u = urlsplit(v if "://" in v else "//" + v)
+    try:
+        port = u.port
+    except ValueError:
+        raise PhikitError(f"{value!r} is not HOST, HOST:PORT or :PORT (the port must be a number in 1..65535)") from None
+    return (u.hostname or None), port
+
+
+def bind_address(host: str | None, port: int | None, environ=os.environ) -> tuple[str, int]:
+    """Where to listen: --host/--port win, then $PHIKIT_HOST, then $OLLAMA_HOST (what Ollama users set),
+    then 127.0.0.1:11434."""
+    for var in ("PHIKIT_HOST", "OLLAMA_HOST"):
+        if environ.get(var):
+            env_host, env_port = host_port(environ[var])
+            return host or env_host or DEFAULT_HOST, port or env_port or DEFAULT_PORT
+    return host or DEFAULT_HOST, port or DEFAULT_PORT
 
 
 def add_arguments(p) -> None:
     add_model_args(p)
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    g.add_argument("--port", type=int, default=11434, help="port (default: 11434, Ollama's)")
+    g.add_argument("--host", default=None, help="address to bind (default: $PHIKIT_HOST, else $OLLAMA_HOST, else 127.0.0.1: loopback only)")
+    g.add_argument("--port", type=int, default=None, help="port (default: from $PHIKIT_HOST / $OLLAMA_HOST, else 11434, Ollama's)")
     g.add_argument("--api-key", default=os.environ.get("PHIKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $PHIKIT_API_KEY)")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -41,6 +68,7 @@ def run(args) -> int:
     for name in ("max_body_bytes", "max_tokens_limit", "max_n", "max_tools", "max_messages", "max_inputs"):
         if getattr(args, name) < 1:
             raise PhikitError(f"--{name.replace('_', '-')} must be at least 1")
+    args.host, args.port = bind_address(args.host, args.port)
     if not 0 < args.port < 65536:
         raise PhikitError(f"--port must be in 1..65535, got {args.port}")
     if args.host not in LOOPBACK and not args.api_key:

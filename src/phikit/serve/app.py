@@ -29,6 +29,23 @@ OPEN_PATHS = {"/health"}  # reachable without the API key
 MAX_HEADER_BYTES = 16 * 1024  # the request line and all headers together; over it is a 431 (serve())
 
 
+JSON_ROUTES = ("/v1/", "/api/")  # every body these take is JSON
+
+
+def _json_body(scope: dict) -> dict:
+    """`scope` with `Content-Type: application/json` where a JSON route's request says none, or another type.
+
+    OpenAI and Ollama read such a body as JSON; FastAPI parses only a body marked JSON. Ollama's own
+    curl examples (`curl -d`: a form type) and litellm's ollama providers (none) send it unmarked."""
+    if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE") or not scope["path"].startswith(JSON_ROUTES):
+        return scope
+    kept = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    given = [v for k, v in scope["headers"] if k == b"content-type"]
+    if given and given[0].split(b";")[0].strip().lower() == b"application/json":
+        return scope
+    return {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
+
+
 class Guard:
     """ASGI middleware: the API key, the body-size limit and the request counter, before any route runs."""
 
@@ -51,7 +68,7 @@ class Guard:
             err = self._check(request)
             if err is not None:
                 return await error_response(request, err)(scope, receive, counted_send)
-            await self.app(scope, self._limited(receive), counted_send)
+            await self.app(_json_body(scope), self._limited(receive), counted_send)
         finally:
             self.state.metrics.request(path if path in self.known else "other", status["code"])
 

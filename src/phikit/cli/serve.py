@@ -30,11 +30,14 @@ def host_port(value: str) -> tuple[str | None, int | None]:
 def bind_address(host: str | None, port: int | None, environ=os.environ) -> tuple[str, int]:
     """Where to listen: --host/--port win, then $PHIKIT_HOST, then $OLLAMA_HOST (what Ollama users set),
     then 127.0.0.1:11434."""
+    env_host = env_port = None
     for var in ("PHIKIT_HOST", "OLLAMA_HOST"):
         if environ.get(var):
             env_host, env_port = host_port(environ[var])
-            return host or env_host or DEFAULT_HOST, port or env_port or DEFAULT_PORT
-    return host or DEFAULT_HOST, port or DEFAULT_PORT
+            break
+    host = host if host is not None else env_host or DEFAULT_HOST
+    port = port if port is not None else env_port or DEFAULT_PORT  # a given --port 0 stays 0, and is refused
+    return host, port
 
 
 def add_arguments(p) -> None:

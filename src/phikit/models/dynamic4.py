@@ -27,7 +27,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import DataError, PhikitError, decode_utf8
+from ..errors import DataError, PhikitError
 from .registry import ModelSpec, resolve
 
 log = logging.getLogger("phikit")
@@ -81,15 +81,9 @@ def calibration_texts(path: str | None = None) -> tuple[list[str], str]:
     if p.suffix == ".json":
         texts = squad_contexts(p)
     elif p.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(decode_utf8(p.read_bytes(), str(p)).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{i}: not JSON ({e.msg}): one JSON object a line") from None
-            texts.append(_record_text(r, f"{p}:{i}"))
+        from ..train.data import jsonl_objects
+
+        texts = [_record_text(r, where) for where, r in jsonl_objects(p)]
     else:
         texts = [t.strip() for t in p.read_text(encoding="utf-8", errors="replace").split("\n\n") if t.strip()]
     texts = [t for t in texts if t]

@@ -14,6 +14,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import DataError, decode_utf8
 from ..grounding import ABSTAIN, grounded_messages
@@ -139,9 +140,9 @@ def _parse_record(obj, where: str) -> Example:
     raise DataError(f"{where}: a record needs 'messages', or 'question' and 'answer' (and optionally 'context'), or 'text'")
 
 
-def read_jsonl(path: Path) -> list[Example]:
-    """Every line parsed up front: a malformed line (bad JSON, bad UTF-8, a bad record) raises DataError naming file and line."""
-    out = []
+def jsonl_objects(path: Path) -> Iterator[tuple[str, object]]:
+    """("FILE:LINE", the line's JSON value) for each non-blank line; DataError naming file and line for bad
+    UTF-8 or bad JSON. The one JSONL reader of training data and of calibration files (models/dynamic4.py)."""
     with io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline=None) as f:  # newlines as open() reads them
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -150,7 +151,12 @@ def read_jsonl(path: Path) -> list[Example]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line") from None
-            out.append(_parse_record(obj, f"{path}:{n}"))
+            yield f"{path}:{n}", obj
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    """Every line parsed up front: a malformed line (bad JSON, bad UTF-8, a bad record) raises DataError naming file and line."""
+    out = [_parse_record(obj, where) for where, obj in jsonl_objects(path)]
     if not out:
         raise DataError(f"{path} holds no examples")
     return out

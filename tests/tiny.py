@@ -117,14 +117,11 @@ class ScriptedBackend(LocalBackend):
         self.replies = list(replies)
         self.prompts: list[str] = []
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    # Tokenisation exactly as the transformers backend does it, over the same kind of tokenizer.
+    from phikit.engine.backends.hf import HFBackend
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def token_id(self, token: str) -> int | None:
-        return self.tokenizer.get_vocab().get(token)
+    encode, decode, token_id = HFBackend.encode, HFBackend.decode, HFBackend.token_id
+    del HFBackend
 
     def info(self) -> dict:
         return {"backend": self.name, "model": self.model_name, "context_length": self.context_length}

@@ -81,13 +81,11 @@ def _validation_message(exc: RequestValidationError, required: list[str] = ()) -
         return "the request body is not valid JSON: " + str(e.get("ctx", {}).get("error", e.get("msg"))), None
     loc = [str(x) for x in e.get("loc", ())]
     loc = loc[1:] if loc[:1] == ["body"] else loc
-    if not loc:  # the body as a whole: absent, not read as JSON, or not a JSON object
+    if not loc:  # the body as a whole: absent, or not a JSON object (app._json_body has every body read as JSON)
         fields = " and ".join(f"'{f}'" for f in required)
         todo = "send a JSON object" + (f" with {fields}" if fields else "")
         if e.get("type") == "missing":
             return f"the request body is empty: {todo}", (required or [None])[0]
-        if isinstance(e.get("input"), bytes):  # FastAPI parses JSON only under a JSON content type
-            return f"the request body was not read as JSON: {todo}, with the header 'Content-Type: application/json'", None
         return f"the request body is not a JSON object: {todo}", None
     missing = [".".join(str(x) for x in m["loc"][1:]) for m in errs if m.get("type") == "missing" and len(m["loc"]) > 1]
     if e.get("type") == "missing" and missing:

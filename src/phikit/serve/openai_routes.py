@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 
-from ..engine.types import Chunk, SamplingParams
+from ..engine.types import MAX_STOPS, Chunk, SamplingParams
 from ..errors import PhikitError
 from .errors import ApiError, internal_error, not_found_model
 from .generation import (
@@ -40,8 +40,8 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > 4:
-        raise ApiError(400, f"stop takes at most 4 sequences, got {len(stops)}", param="stop")
+    if len(stops) > MAX_STOPS:  # SamplingParams.validate refuses it too; here the error can name the param
+        raise ApiError(400, f"stop takes at most {MAX_STOPS} sequences, got {len(stops)}", param="stop")
     return stops
 
 

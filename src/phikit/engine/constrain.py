@@ -112,12 +112,13 @@ def llama_grammar(llm, schema: dict, checker=None):
         grammar = LlamaGrammar.from_string(gbnf, verbose=False)
     except Exception as e:
         raise UnsupportedSchemaError(f"llama.cpp cannot parse the grammar made from this JSON schema ({e}); simplify the schema") from None
-    # llama.cpp returns NULL for a grammar it cannot parse and the sampler chain would then crash:
-    # build the sampler once here, where a failure can become an error message.
-    smpl = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode(), grammar._root.encode())
-    if not smpl:
-        raise UnsupportedSchemaError("llama.cpp rejected the grammar made from this JSON schema; simplify the schema")
-    llama_cpp.llama_sampler_free(smpl)
+    if checker is None:
+        # llama.cpp returns NULL for a grammar it cannot parse and the sampler chain would then crash: build
+        # the sampler once here, where a failure can become an error message (the checker's child did this).
+        smpl = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode(), grammar._root.encode())
+        if not smpl:
+            raise UnsupportedSchemaError("llama.cpp rejected the grammar made from this JSON schema; simplify the schema")
+        llama_cpp.llama_sampler_free(smpl)
     return grammar
 
 

@@ -7,7 +7,10 @@
 # Rows (train_speed's fields, plus "side": new | old | unsloth) go to $OUT/train_compare.jsonl.
 # STEPS / WARMUP: timed and untimed steps of each side [8 / 2]; IMPL: the phikit variant of train_speed.py [phikit];
 # LLAMAFY=1: also the new side on the checkpoint converted to the Llama layout (issue 24), side new-llama.
-# SIDES: which of old, new, unsloth run [all three].
+# SIDES: which of old, new, unsloth run [all three]. FP8=1: also the new side with the base's products in FP8
+# (train_speed's phikit-fp8 variant, issue 23), side new-fp8.
+# `curve` (Phi-4-mini): instead of speed, the loss curves of phikit and phikit-fp8 over CURVE steps [200] of fresh
+# batches from train_speed's Markov source (--data markov), sides curve-phikit and curve-fp8.
 set -o pipefail
 if [ ! -e /tmp/uns/.done ]; then
   mkdir -p /tmp/bnb /tmp/uns
@@ -37,6 +40,13 @@ for what in "$@"; do
     mini) size=phi-4-mini mb=2 ;;
     phi4) size=phi-4 mb=1 ;;
     tiny) size=tiny mb=2 ;;  # on the CPU: checks this script (Unsloth gives no row there)
+    curve) ck=/tmp/ck-phi-4-mini
+           [ -e $ck/.built ] || build phi-4-mini || exit 1
+           for v in phikit phikit-fp8; do
+             PYTHONPATH=/tmp/bnb:$PWD/src timeout 500 python3 benchmarks/speed/train_speed.py --impl $v --path $ck --size phi-4-mini \
+               --seq 2048 --micro-batch 2 --dropout 0 --data markov --steps ${CURVE:-200} --warmup 0 2>>$OUT/curve-$v.log | row curve-${v#phikit-}
+           done
+           continue ;;
     test) [ -n "$PREBUILD" ] && { build "$PREBUILD" & }  # the next call's checkpoint, written while the tests run (untimed)
           PYTHONPATH=/tmp/bnb:$PWD/src timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rs -k "${TEST_K:-cuda or host}" tests/train/test_train_fast.py tests/train/test_train.py 2>&1 | tail -15
           wait
@@ -49,6 +59,8 @@ for what in "$@"; do
   SIDES=${SIDES:-old new unsloth}
   [[ $SIDES == *old* ]] && PYTHONPATH=/tmp/bnb timeout 200 python3 $(ls $OLD/benchmarks/speed/train_speed.py $OLD/benchmarks/train_speed.py 2>/dev/null | head -1) $args 2>>$OUT/old-$size.log | row old
   [[ $SIDES == *new* ]] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $args 2>>$OUT/new-$size.log | row new
+  [ -n "$FP8" ] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py ${args/--impl ${IMPL:-phikit}/--impl phikit-fp8} \
+    2>>$OUT/new-fp8-$size.log | row new-fp8
   [[ $SIDES == *unsloth* ]] && PYTHONPATH=/tmp/uns:/tmp/bnb timeout 200 python3 .pk/unsloth_train.py --path $ck --size $size --seq 2048 --micro-batch $mb \
     --dropout 0 --steps $STEPS --warmup $WARMUP 2>>$OUT/unsloth-$size.log | row unsloth
   if [ -n "$LLAMAFY" ]; then  # the same checkpoint in the Llama layout (models/llamafy.to_llama), phikit's new side on it

@@ -47,9 +47,9 @@ SHAPES = {
 }
 SHAPES["tiny"] = dict(SHAPES["phi-4-mini"], hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128)
-IMPLS = ("phikit", "phikit-per-tensor", "phikit-bnb-nf4", "phikit-eager", "phikit-no-offload", "stock", "stock-liger")
+IMPLS = ("phikit", "phikit-fp8", "phikit-per-tensor", "phikit-bnb-nf4", "phikit-eager", "phikit-no-offload", "stock", "stock-liger")
 # phikit's sides: the library's default CUDA path (SpeedOptions.for_run) less the speed-ups each one turns off
-VARIANTS = {"phikit": {}, "phikit-per-tensor": {"flat_params": False}, "phikit-bnb-nf4": {"compile_nf4": False},
+VARIANTS = {"phikit": {}, "phikit-fp8": {"fp8": True}, "phikit-per-tensor": {"flat_params": False}, "phikit-bnb-nf4": {"compile_nf4": False},
             "phikit-eager": {"compile": False}, "phikit-no-offload": {"offload": False, "compile": False, "host_embedding": False}}
 
 
@@ -76,11 +76,29 @@ def load(path: str, device: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def batch(args, vocab: int):
+def batch(args, vocab: int, k: int = 0):
+    """Step k's batch: with --data fixed (the speed rows) the same random ids every step; with --data markov
+    (loss curves: phikit's sides only) a fresh draw each step from one seeded Markov source over 512 of the
+    vocabulary's tokens, 8 successors each, so the loss falls from ln(vocab) towards the source's entropy
+    (1.47 nats) instead of to zero on one memorised batch."""
     import torch
 
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, vocab, (args.micro_batch, args.seq), generator=g)
+    if getattr(args, "data", "fixed") == "markov":
+        src = torch.Generator().manual_seed(7)
+        states = torch.randperm(vocab - 2, generator=src)[:512] + 2
+        nxt = torch.randint(0, 512, (512, 8), generator=src)
+        probs = torch.rand(512, 8, generator=src) ** 3
+        probs = probs / probs.sum(-1, keepdim=True)
+        g = torch.Generator().manual_seed(1000 + k)
+        cur = torch.randint(0, 512, (args.micro_batch,), generator=g)
+        cols = [cur]
+        for _ in range(args.seq - 1):
+            cur = nxt[cur, torch.multinomial(probs[cur], 1, generator=g)[:, 0]]
+            cols.append(cur)
+        ids = states[torch.stack(cols, 1)]
+    else:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(2, vocab, (args.micro_batch, args.seq), generator=g)
     labels = ids.clone()
     labels[:, : int(args.seq * (1 - args.label_frac))] = -100
     return ids, torch.ones_like(ids), labels  # on the host; the stock sides take them to the device once
@@ -132,9 +150,13 @@ def make_phikit(path, args, device):
         return lm_loss(model, ids, att, lab, autocast, head_ce=made.head_ce)
 
     run = Step(fwd, params, opt, None, device=device, max_grad_norm=1.0)
-    ids, att, lab = batch(args, model.config.vocab_size)
-    micro, n_lab = [(ids, att, lab, True)], int((lab[:, 1:] != -100).sum())
-    return (lambda phase: run(micro, n_lab, phase)), made, opt, speed.flat_params
+    fixed = batch(args, model.config.vocab_size)
+
+    def one_step(phase, k: int = 0):
+        ids, att, lab = fixed if args.data == "fixed" else batch(args, model.config.vocab_size, k)
+        return run([(ids, att, lab, True)], int((lab[:, 1:] != -100).sum()), phase)
+
+    return one_step, made, opt, speed.flat_params
 
 
 def make_stock(path, args, device, liger: bool):
@@ -205,7 +227,7 @@ def worker(args) -> dict:
         """One optimizer step; `phase(name)` wraps each phase (a profiler annotation, or `phases`' timing marks).
         Its loss is read as phikit's loop reads it, one step late, so the host is at most one step ahead of the GPU."""
         torch.manual_seed(100 + k)  # the same dropout masks on every side that uses torch's dropout
-        loss = one_step(phase)
+        loss = one_step(phase, k) if args.impl.startswith("phikit") else one_step(phase)
         losses.extend(v for v, _ in readback.ready())
         readback.push(loss)
 
@@ -422,7 +444,7 @@ def kernel_group(name: str) -> str:
     n = name.lower()
     for group, pattern in (("offload copies (side stream)", r"memcpy (htod|dtoh)"), ("attention", r"flash|fmha|attention|sdpa"),
                            ("nf4 dequantise", r"dequantize|dequant"), ("optimizer", r"optimizer|adam"),
-                           ("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|cublas|splitk"), ("compiled (triton)", r"^triton_"),
+                           ("matmul fp8", r"f8|fp8|e4m3"), ("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|cublas|splitk"), ("compiled (triton)", r"^triton_"),
                            ("eager element-wise", r"elementwise|reduce|vectorized|unrolled|index|cat|copy"),
                            ("memset / device copy", r"memset|memcpy")):
         if re.search(pattern, n):
@@ -460,6 +482,9 @@ def main() -> None:
                     help="every side's optimizer: bitsandbytes 8-bit AdamW (the recipe) or torch's fused fp32 AdamW")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY (an int/bool/str VALUE) in every side, e.g. cpp_wrapper=1 (repeatable)")
+    ap.add_argument("--data", choices=["fixed", "markov"], default="fixed",
+                    help="fixed: one random batch every step (speed); markov: a fresh batch a step from a seeded Markov source "
+                         "(loss curves, phikit's sides only) [fixed]")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one more step to each row")
@@ -490,7 +515,7 @@ def main() -> None:
                 row = {"impl": impl, "skipped": "liger-kernel not installed" if not args.tiny else "Triton kernels need CUDA"}
             else:
                 cmd = [sys.executable, __file__, "--impl", impl, "--path", d, "--size", args.size, "--seq", str(args.seq),
-                       "--micro-batch", str(args.micro_batch), "--label-frac", str(args.label_frac), "--dropout", str(args.dropout), "--optim", args.optim, "--steps", str(args.steps),
+                       "--micro-batch", str(args.micro_batch), "--label-frac", str(args.label_frac), "--dropout", str(args.dropout), "--optim", args.optim, "--data", args.data, "--steps", str(args.steps),
                        "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []) + (["--memory"] if args.memory else []) + (["--tiny"] if args.tiny else []) \
                       + [f"--inductor={kv}" for kv in args.inductor]
                 p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)

@@ -474,3 +474,56 @@ def test_speed_options_follow_the_config_and_the_device():
     assert not SpeedOptions.for_run(TrainConfig(optimizer="adamw"), "cuda").adamw8bit
     with pytest.raises(PhikitError, match="one process"):
         SpeedOptions.for_run(TrainConfig(offload_activations=True), "cuda", processes=2)
+
+
+def test_fp8_linear_is_close_to_bf16_forward_and_backward():
+    """fp8.FP8Linear: the product and the input gradient in rowwise e4m3 stay within FP8's rounding of the
+    bf16 ones (e4m3 keeps 3 mantissa bits: about 2^-4 relative error per element, averaging down over K),
+    the weight gets no gradient, and shapes _scaled_mm refuses fall back to the plain product."""
+    from phikit.train.speedups.fp8 import fp8_linear, rowwise, weight_scales
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 256, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(96, 256, dtype=torch.bfloat16) * 0.05
+    y = fp8_linear(x, w)
+    want = torch.nn.functional.linear(x.float(), w.float())
+    rel = lambda a, b: float((a.detach().float() - b).norm() / b.norm())  # noqa: E731
+    assert y.shape == (4, 32, 96) and y.dtype == torch.bfloat16
+    assert 1e-3 < rel(y, want) < 0.04  # FP8 really ran (bf16 alone is ~2e-3), and within its rounding
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    want_dx = dy.float() @ w.float()
+    assert 1e-3 < rel(dx, want_dx) < 0.04
+    assert torch.equal(fp8_linear(x, w, scales=weight_scales(w)), y)  # scales known beforehand: the same product
+    q, s = rowwise(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (96, 1) and float(q.float().abs().amax()) == 448.0
+    odd = torch.randn(3, 250, dtype=torch.bfloat16)  # K not a multiple of 16: the bf16 product
+    assert torch.equal(fp8_linear(odd, w[:, :250]), torch.nn.functional.linear(odd, w[:, :250]))
+
+
+def test_compiled_nf4_layers_in_fp8_stay_close_to_bf16():
+    """compile_nf4(fp8=True): inside torch.compile the NF4 products run in FP8, close to the bf16 path's output
+    and input gradient; outside a compile the layer is bitsandbytes' as before. SpeedOptions refuses --fp8
+    off the compiled path, and apply() refuses it off a GPU with FP8 tensor cores."""
+    pytest.importorskip("bitsandbytes")
+    from phikit.errors import PhikitError
+    from phikit.train.config import make_config
+    from phikit.train.speedups import SpeedOptions, apply
+    from phikit.train.speedups.nf4 import compile_nf4
+
+    torch.manual_seed(0)
+    block = _NF4Block()
+    x = (torch.randn(32, 64) * 0.1).bfloat16().requires_grad_()  # tanh not saturated: its gradient is not all rounding
+    want = block(x)
+    (want_dx,) = torch.autograd.grad(want.float().pow(2).sum(), x)
+    assert compile_nf4(block, fp8=True) == 2
+    assert torch.equal(block(x), want)
+    torch._dynamo.reset()
+    got = torch.compile(_NF4Block.forward)(block, x)
+    (dx,) = torch.autograd.grad(got.float().pow(2).sum(), x)
+    rel = lambda a, b: float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())  # noqa: E731
+    assert 1e-3 < rel(got, want) < 0.1 and rel(dx, want_dx) < 0.1  # two products, each ~3.5% (rowwise e4m3)
+    with pytest.raises(PhikitError, match="--fp8 runs inside the compiled layers"):
+        SpeedOptions.for_run(make_config(fp8=True), "cpu")
+    with pytest.raises(PhikitError, match="FP8 tensor cores"):
+        apply(block, [], SpeedOptions(fp8=True))

@@ -54,6 +54,8 @@ HELP: dict[str | None, dict[str, str]] = {
         "group_by_length": "[true]",
         "gradient_checkpointing": "[on for CUDA, off on CPU]",
         "compile": "torch.compile each decoder layer (with offloaded activations) [on for CUDA]",
+        "fp8": "the frozen base's matrix products in FP8 (e4m3, a scale per row), LoRA and the loss in bf16; "
+               "needs the compiled NF4 path and FP8 tensor cores (H100, H200, Ada) [false]",
         "offload_activations": "keep checkpointed layer inputs, and an untied frozen input embedding, in CPU memory "
                                "[on with checkpointing on CUDA, one process]",
         "seed": "[42]",

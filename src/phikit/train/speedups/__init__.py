@@ -5,6 +5,7 @@ switched by one field of `SpeedOptions`, which setup builds from the TrainConfig
     offload         offload.py         decoder layers checkpointed, their inputs in pinned CPU memory
     compile         compiled.py        each offloaded layer through torch.compile, one region for all
     compile_nf4     nf4.py             NF4 dequantised by torch ops inside that region
+    fp8             fp8.py             there, the base's products in FP8 (opt-in)
     fast_lora       fast_lora.py       peft's LoRA layers on a plain forward there, dropout hashed
                     hashed_dropout.py    (the masks a recompute replays from torch's generator)
     tile_mlp        tiled_mlp.py       MLPs over long sequences in chunks of rows
@@ -33,6 +34,7 @@ class SpeedOptions:
     offload: bool = False  # offload.py (with checkpointing, one process, CUDA)
     compile: bool = False  # the offloaded layers through torch.compile (with offload only)
     compile_nf4: bool = True  # inside compiled layers (nf4.py)
+    fp8: bool = False  # with compile_nf4: the NF4 layers' products in FP8 (fp8.py; opt-in, cfg.fp8)
     fast_lora: bool = True  # inside compiled layers (fast_lora.py, hashed_dropout.py)
     tile_mlp: bool = True  # in offloaded layers, from 32k tokens a micro-batch (tiled_mlp.py)
     host_embedding: bool = False  # with offload (host_embedding.py)
@@ -51,7 +53,10 @@ class SpeedOptions:
             raise PhikitError("--offload-activations runs in one process only (its recompute happens inside the backward "
                               "call, where DDP/FSDP do not expect gradients); leave it off with --gpus / torchrun")
         compile = offload and (cfg.compile if cfg.compile is not None else cuda)
-        return cls(checkpointing=gc, offload=offload, compile=compile, host_embedding=offload, flat_params=processes == 1,
+        if cfg.fp8 and not compile:
+            raise PhikitError("--fp8 runs inside the compiled layers: it needs CUDA, one process, gradient checkpointing "
+                              "with offloaded activations and --compile (the defaults on one GPU); leave --fp8 off otherwise")
+        return cls(checkpointing=gc, offload=offload, compile=compile, fp8=cfg.fp8, host_embedding=offload, flat_params=processes == 1,
                    adamw8bit=cuda and cfg.optimizer in ("auto", "adamw8bit"))
 
 
@@ -81,11 +86,13 @@ def apply(model, layers, options: SpeedOptions) -> Speedups:
     """Apply `options` to a peft `model` (in place) whose decoder layers are `layers` (needed for offload);
     returns what was made. The optimizer's side comes after, in setup: `flat_params`, then adamw8bit.py."""
     made = Speedups(options)
+    if options.fp8:
+        _check_fp8(next(model.parameters()).device)
     if options.offload:
         from .offload import offload_checkpointing
 
         made.layers = offload_checkpointing(layers, compile=options.compile, nf4=options.compile_nf4,
-                                            lora=options.fast_lora, tile=options.tile_mlp)
+                                            lora=options.fast_lora, tile=options.tile_mlp, fp8=options.fp8)
         if options.host_embedding:
             from .host_embedding import host_embedding
 
@@ -95,6 +102,16 @@ def apply(model, layers, options: SpeedOptions) -> Speedups:
 
         made.head_ce = ChunkedCE()
     return made
+
+
+def _check_fp8(device) -> None:
+    """PhikitError unless `device` multiplies FP8 on tensor cores (compute capability 8.9 or above)."""
+    import torch
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise PhikitError(f"--fp8 needs a GPU with FP8 tensor cores (compute capability 8.9+: H100, H200, L4, RTX 40xx); "
+                          f"this run is on {name}: leave --fp8 off")
 
 
 def flat_params(params: list, options: SpeedOptions) -> list:

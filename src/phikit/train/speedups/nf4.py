@@ -8,6 +8,8 @@ import functools
 
 import torch
 
+from .fp8 import fp8_linear, weight_scales
+
 
 def _nf4_weight(packed, absmax_q, absmax2, code2, offset, code, blocksize: int, blocksize2: int, shape, dtype):
     """bitsandbytes' NF4 dequantisation with double-quantised absmax (dequantize_4bit), in torch ops:
@@ -21,9 +23,10 @@ def _nf4_weight(packed, absmax_q, absmax2, code2, offset, code, blocksize: int, 
     return (code[nibbles.long()].view(n_blocks, blocksize) * absmax[:, None]).to(dtype).view(shape)
 
 
-def compile_nf4(module: torch.nn.Module) -> int:
+def compile_nf4(module: torch.nn.Module, fp8: bool = False) -> int:
     """Inside torch.compile, run `module`'s bitsandbytes NF4 linear layers (double-quantised, as phikit loads
     them) through `_nf4_weight` (in place; returns how many). Outside a compile they run as before.
+    `fp8`: their products run in FP8 there (fp8.py).
 
     Why: each bitsandbytes call is a Python custom op with ~60-80 µs of host work; Phi-4-mini's QLoRA step
     makes ~600 of them, enough to leave the GPU waiting. As torch ops the dequantisation compiles into the
@@ -45,6 +48,12 @@ def compile_nf4(module: torch.nn.Module) -> int:
                         ("code2", st.state2.code), ("offset", st.offset), ("code", st.code)):
             m.register_buffer(f"nf4_{name}", t, persistent=False)
         m.nf4_meta = (st.blocksize, st.state2.blocksize, tuple(st.shape), st.dtype)
+        m.nf4_fp8 = fp8
+        if fp8:  # the weight's FP8 scales, from the weight this path dequantises: computed once, as it never changes
+            w = _nf4_weight(m.weight.data, st.absmax, st.state2.absmax, st.state2.code, st.offset, st.code, *m.nf4_meta)
+            for name, t in zip(("rows", "cols"), weight_scales(w)):
+                m.register_buffer(f"fp8_{name}", t, persistent=False)
+            del w
         m.__class__ = _nf4_class(Linear4bit)
         n += 1
     return n
@@ -65,6 +74,8 @@ def _nf4_class(base: type) -> type:
             # this path, checkpointed, while the peaks were above the targets.
             w = _nf4_weight(self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax2, self.nf4_code2, self.nf4_offset,
                             self.nf4_code, *self.nf4_meta)
+            if self.nf4_fp8:
+                return fp8_linear(x, w, bias, (self.fp8_rows, self.fp8_cols)).to(dtype)
             return torch.nn.functional.linear(x, w.to(x.dtype), bias).to(dtype)
 
     return CompiledNF4Linear

@@ -6,6 +6,12 @@ generator of token ids (`_generate`); the rendering through the chat format,
 context checks, stop tokens and strings, incremental detokenisation and
 timings live here, once. A remote backend (an OpenAI-compatible server)
 overrides `stream_prompt`/`stream` as a whole.
+
+Log-probabilities ride on the same stream: with `params.logprobs` a backend's
+`_generate` yields `Logprob`s (the id, its log-probability and the likeliest
+alternatives) instead of bare ids, and with `params.prompt_logprobs` the stream
+first yields the prompt's, from `prompt_logprobs` (one extra evaluation of the
+prompt, with logits at every place, made only when asked).
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import time
 from abc import ABC, abstractmethod
 from typing import Callable, Iterator
 
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, PhikitError
 from ..formats import ChatFormat, Message
-from .types import Chunk, Result, SamplingParams, Stats, join
+from .types import Chunk, Logprob, Result, SamplingParams, Stats, join
 
 
 class Backend(ABC):
@@ -35,8 +41,12 @@ class Backend(ABC):
         return self.stream_prompt(self.render(messages, tools), params)
 
     @abstractmethod
-    def stream_prompt(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
-        """Stream a continuation of already-rendered prompt text."""
+    def stream_prompt(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Chunk]:
+        """Stream a continuation of already-rendered prompt text, or of token ids of this model's vocabulary
+        (taken as given: no BOS is added)."""
+
+    def check_prompt_ids(self, ids: list[int]) -> None:
+        """Raise PhikitError if `ids` are not all token ids of this model (a remote server checks its own)."""
 
     def generate_batch(self, message_lists: list[list[Message]], params: SamplingParams) -> list[Result]:
         """Replies to several independent chats. Backends that can run them together override
@@ -66,8 +76,39 @@ class LocalBackend(Backend):
         """Id of one special token string, or None if the vocabulary lacks it."""
 
     @abstractmethod
-    def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
-        """Yield sampled token ids, at most `max_new`; closing the generator stops work."""
+    def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int | Logprob]:
+        """Yield sampled token ids, at most `max_new`; closing the generator stops work.
+
+        With `params.logprobs` set (only on a backend whose `logprobs_supported`), yield each as a
+        `Logprob` instead (see `_logprob`), of the model's raw distribution at that step."""
+
+    # Whether `_generate` honours params.logprobs and `prompt_logprobs` works.
+    logprobs_supported: bool = False
+    # Token ids run 0 .. vocab_size - 1; None: not known, ids are not checked.
+    vocab_size: int | None = None
+
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[Logprob]:
+        """Each token of `ids` with its log-probability given the ones before it (None for the first)
+        and the `top` likeliest tokens at its place: the model's raw distribution, as for generated tokens."""
+        raise PhikitError(f"the {self.name} backend cannot give log-probabilities")
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes of one token as the vocabulary holds it (special tokens as their text)."""
+        return self.decode([token]).encode("utf-8")
+
+    def _logprob(self, token: int, logprob: float | None, top: list[tuple[int, float]] = ()) -> Logprob:
+        """The Logprob of `token`, with `top` as (id, logprob) pairs, most likely first."""
+        return Logprob(token, self.token_piece(token), None if logprob is None else float(logprob),
+                       [Logprob(i, self.token_piece(i), float(v)) for i, v in top])
+
+    def check_prompt_ids(self, ids: list[int]) -> None:
+        n = self.vocab_size
+        if n is None:
+            return
+        for at, i in enumerate(ids):
+            if not (type(i) is int and 0 <= i < n):
+                raise PhikitError(f"token id {i!r} at position {at} is not in {self.model_name}'s vocabulary "
+                                  f"(ids 0 to {n - 1}): send ids of this model's own tokenizer")
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
@@ -91,11 +132,19 @@ class LocalBackend(Backend):
 
             check_schema(params.json_schema)
 
-    def stream_prompt(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+    def stream_prompt(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Chunk]:
         params.validate()
+        if (params.logprobs is not None or params.prompt_logprobs is not None) and not self.logprobs_supported:
+            raise PhikitError(f"the {self.name} backend cannot give log-probabilities: leave logprobs out")
         self.prepare(params)
         t0 = time.perf_counter()
-        ids = self.encode(prompt)
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise PhikitError("the prompt has no token ids: send at least one")
+            self.check_prompt_ids(ids)
         self.check_fits(len(ids))
         return self._stream_ids(ids, params, t0)
 
@@ -107,18 +156,23 @@ class LocalBackend(Backend):
         stats = Stats(prompt_tokens=len(ids))
         finish, hit = "length", False
         t_first = t_last = None
-        gen = self._generate(ids, params, max_new)
+        if params.prompt_logprobs is not None:
+            yield Chunk(prompt_logprobs=self.prompt_logprobs(ids, params.prompt_logprobs))
+        gen = self._generate(ids, params, max_new) if max_new > 0 else _no_tokens()
         try:
             for tok in gen:
                 t_last = time.perf_counter()
                 if t_first is None:
                     t_first = t_last
+                lp = tok if isinstance(tok, Logprob) else None
+                if lp is not None:
+                    tok = lp.id
                 if tok in stops:
                     finish = "stop"
                     break
                 stats.completion_tokens += 1
                 text, hit = guard.feed(detok.add(tok))
-                yield Chunk(text=text, token_ids=[tok])
+                yield Chunk(text=text, token_ids=[tok], logprobs=None if lp is None else [lp])
                 if hit:
                     finish = "stop"
                     break
@@ -134,6 +188,11 @@ class LocalBackend(Backend):
         stats.decode_s = (t_last or now) - (t_first or now)
         stats.total_s = now - t0
         yield Chunk(text=tail, finish_reason=finish, stats=stats)
+
+
+def _no_tokens() -> Iterator[int]:
+    """The generation of max_tokens 0 (a prompt only scored)."""
+    yield from ()
 
 
 class IncrementalDetokenizer:

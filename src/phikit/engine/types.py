@@ -8,6 +8,8 @@ from typing import Any
 # Stop strings a request may give: OpenAI's count, and a length far beyond any real stop marker.
 MAX_STOPS = 4
 MAX_STOP_CHARS = 1024
+# Alternatives a request may ask for at each token: OpenAI's chat bound (its completions bound is 5).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -19,12 +21,21 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # extra stop strings, never printed
     json_schema: dict | None = None  # constrain the output to JSON valid against this schema (engine/constrain.py)
+    # Log-probabilities (see Logprob): None = not asked; k = each generated token's, with the k likeliest at its place.
+    logprobs: int | None = None
+    # The same for the prompt's own tokens, in a first chunk (Chunk.prompt_logprobs); with it max_tokens may be 0.
+    prompt_logprobs: int | None = None
 
     def validate(self) -> "SamplingParams":
         from ..errors import PhikitError
 
-        if self.max_tokens < 1:
-            raise PhikitError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if self.max_tokens < least:
+            raise PhikitError(f"max_tokens must be at least {least}, got {self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise PhikitError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {k}")
         if self.temperature < 0:
             raise PhikitError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -58,17 +69,43 @@ class Stats:
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the model: the raw next-token distribution (log-softmax of
+    the logits), before temperature, top-k/top-p and any JSON constraint, as vLLM returns by default.
+
+    `piece` is the token's own bytes (special tokens as their text; a byte-level token may hold part
+    of a character); `id` is None where a remote server gave only the text; `logprob` is None for a
+    prompt's first token, which nothing precedes. `top`: the likeliest tokens at this place, most
+    likely first (empty unless asked for).
+    """
+
+    id: int | None
+    piece: bytes
+    logprob: float | None
+    top: list["Logprob"] = field(default_factory=list)
+
+    @property
+    def token(self) -> str:
+        return self.piece.decode("utf-8", errors="replace")
+
+
+@dataclass
 class Chunk:
     """One step of a stream: a text delta and the token ids behind it.
 
     The last chunk of a stream has `finish_reason` ("stop" | "length" |
-    "cancelled" | ...) and `stats` set, and usually empty text.
+    "cancelled" | ...) and `stats` set, and usually empty text. With
+    `SamplingParams.logprobs`, `logprobs` holds one Logprob per id of
+    `token_ids` (its text may be held back to a later chunk); with
+    `prompt_logprobs`, a first chunk carries one per prompt token.
     """
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stats: Stats | None = None
+    logprobs: list[Logprob] | None = None
+    prompt_logprobs: list[Logprob] | None = None
 
 
 @dataclass

@@ -3,6 +3,10 @@
 Own loop rather than `model.generate` + a streamer thread: one token per step
 in the caller's thread, so closing the stream stops the work at once and the
 stream layer above stays the only place that handles text.
+
+Log-probabilities are the log-softmax of the step's logits in float32, taken
+before any JSON constraint masks them; a generation that asks for them keeps
+this loop (the CUDA fast path does not compute them).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import Iterator
 from ...formats import ChatFormat, Message
 from ..backend import IncrementalDetokenizer, LocalBackend, StopStrings
 from ..sampling import sample
-from ..types import Result, SamplingParams, Stats, result_of
+from ..types import Logprob, Result, SamplingParams, Stats, result_of
+
+PROMPT_LOGITS_SLICE = 256  # prompt tokens run through the model at once when their logprobs are asked
 
 
 class HFBackend(LocalBackend):
@@ -37,6 +43,10 @@ class HFBackend(LocalBackend):
         from .cuda_fast import CudaFastPath, fast_path_unavailable
 
         self.fast = None if fast_path_unavailable(model, device) else CudaFastPath(model, self.context_length)
+        self.vocab_size = int(cfg.vocab_size)
+        self._byte_decoder: dict[str, int] | None = None
+
+    logprobs_supported = True
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -47,8 +57,63 @@ class HFBackend(LocalBackend):
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.get_vocab().get(token)
 
-    def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
-        fast = self.fast.generate(prompt_ids, params, max_new) if self.fast is not None else None
+    def token_piece(self, token: int) -> bytes:
+        """A byte-level BPE token maps its characters back to bytes (so a piece of a character stays
+        those bytes); a SentencePiece token turns its '▁' into spaces and <0xNN> into that byte."""
+        name = self.tokenizer.convert_ids_to_tokens(token)
+        if name is None:
+            return b""
+        if token in self.tokenizer.all_special_ids or name in self.tokenizer.get_added_vocab():
+            return name.encode("utf-8")
+        table = self._bytes_table()
+        if table and all(c in table for c in name):
+            return bytes(table[c] for c in name)
+        if len(name) == 6 and name.startswith("<0x") and name.endswith(">"):
+            return bytes([int(name[3:5], 16)])
+        return name.replace("\u2581", " ").encode("utf-8")
+
+    def _bytes_table(self) -> dict[str, int]:
+        """GPT-2's byte-to-character table, inverted, if this tokenizer is byte-level BPE; else empty."""
+        if self._byte_decoder is None:
+            import json
+
+            self._byte_decoder = {}
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is not None and '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder")):
+                self._byte_decoder = _byte_level_decoder()
+        return self._byte_decoder
+
+    def _logprob_of(self, logits, token: int, top: int) -> Logprob:
+        """The Logprob of `token` under one row of logits, with its `top` likeliest alternatives."""
+        import torch
+
+        lp = torch.log_softmax(logits.float(), -1)
+        pairs = []
+        if top:
+            vals, idx = lp.topk(top)
+            pairs = list(zip(idx.tolist(), vals.tolist()))
+        return self._logprob(token, lp[token].item(), pairs)
+
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[Logprob]:
+        import torch
+        from transformers import DynamicCache
+
+        out = [self._logprob(ids[0], None)]
+        cache = DynamicCache()
+        with torch.inference_mode():
+            for start in range(0, len(ids), PROMPT_LOGITS_SLICE):
+                part = ids[start : start + PROMPT_LOGITS_SLICE]
+                logits = self.model(input_ids=torch.tensor([part], device=self.device), past_key_values=cache,
+                                    use_cache=True).logits[0]
+                for j in range(len(part)):
+                    at = start + j + 1  # position start + j predicts the token after it
+                    if at < len(ids):
+                        out.append(self._logprob_of(logits[j], ids[at], top))
+        return out
+
+    def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int | Logprob]:
+        want = params.logprobs
+        fast = self.fast.generate(prompt_ids, params, max_new) if self.fast is not None and want is None else None
         if fast is not None:
             yield from fast
             return
@@ -68,13 +133,13 @@ class HFBackend(LocalBackend):
         with torch.inference_mode():
             for _ in range(max_new):
                 out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                logits = out.logits[0, -1]
+                logits = raw = out.logits[0, -1]
                 if constraint is not None:
                     logits = constraint.mask(logits)
                 tok = sample(logits, params, gen)
                 if constraint is not None:
                     constraint.advance(tok)
-                yield tok
+                yield tok if want is None else self._logprob_of(raw, tok, want)
                 ids = torch.tensor([[tok]], device=self.device)
 
     def generate_batch(self, message_lists: list[list[Message]], params: SamplingParams) -> list[Result]:
@@ -180,3 +245,13 @@ class HFBackend(LocalBackend):
             "memory_bytes_16bit": int(n * 2),
             "context_length": self.context_length,
         }
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: the character that stands for each byte -> that byte.
+    Printable bytes stand for themselves; the others, in order, for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    rest = [b for b in range(256) if b not in set(printable)]
+    table.update({chr(256 + n): b for n, b in enumerate(rest)})
+    return table

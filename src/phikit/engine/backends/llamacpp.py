@@ -4,6 +4,16 @@ The embedded default runs here: it loads in a fraction of a second and decodes
 several times faster than transformers on a small CPU. Only tokenisation and
 the token loop come from llama.cpp; rendering, stops and detokenised deltas
 are the shared stream's (engine/backend.py).
+
+Log-probabilities without `logits_all=True` (which keeps every position's logits
+on every call): a generated token's come from the logits llama.cpp already holds
+for the step that sampled it, read only when asked; the prompt's come from one
+extra evaluation of the prompt that asks for logits at every place, in slices of
+PROMPT_LOGITS_SLICE tokens so the logits buffer stays small. That evaluation runs
+llama.cpp's batched kernels, as a prompt always does; the same tokens generated
+one at a time go through the single-token kernels, which round differently, so
+their numbers can differ a little (tests/engine/test_logprobs.py holds each to
+its own reference).
 """
 
 from __future__ import annotations
@@ -17,7 +27,29 @@ from ...errors import ModelFilesError, require
 from ...formats import detect_format, get_format
 from ...models.registry import ModelSpec
 from ..backend import LocalBackend
-from ..types import SamplingParams
+from ..types import Logprob, SamplingParams
+
+PROMPT_LOGITS_SLICE = 64  # prompt tokens evaluated together when their logprobs are asked
+
+
+def log_softmax(logits):
+    """Log-probabilities of one row of logits (numpy, float32 in, float64 out)."""
+    import numpy as np
+
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def top_of(logprobs, k: int) -> list[tuple[int, float]]:
+    """The k likeliest (id, logprob) of a row, most likely first (ties: the lower id first)."""
+    import numpy as np
+
+    if k <= 0:
+        return []
+    idx = np.argpartition(-logprobs, k - 1)[:k]
+    idx = idx[np.lexsort((idx, -logprobs[idx]))]
+    return [(int(i), float(logprobs[i])) for i in idx]
 
 
 class LlamaCppBackend(LocalBackend):
@@ -32,6 +64,8 @@ class LlamaCppBackend(LocalBackend):
         self.context_length = min(llm.n_ctx(), len(llm.input_ids))
         self.extra_stop_ids = {llm.token_eos()}
         self._special_ids: dict[str, int | None] = {}
+        self._pieces: dict[int, bytes] = {}
+        self.vocab_size = llm.n_vocab()
         self._grammar_checker = None  # started with the first JSON schema (engine/grammar_check.py)
         self._last_grammar: tuple[str | None, object] = (None, None)  # (schema as JSON, its LlamaGrammar)
 
@@ -64,6 +98,44 @@ class LlamaCppBackend(LocalBackend):
 
     def decode(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
+
+    logprobs_supported = True
+
+    def token_piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.llm.detokenize([token], special=True)
+        return piece
+
+    def _logits(self, rows: int | None = None):
+        """The logits of the last decode: its `rows` outputs as a (rows, vocab) numpy view of llama.cpp's
+        buffer, or (rows None) its last output's row."""
+        import numpy as np
+
+        if rows is None:
+            return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.vocab_size,))
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(rows, self.vocab_size))
+
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[Logprob]:
+        llm = self.llm
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # a clean cache: nothing of an earlier call may leak into these
+        out = [self._logprob(ids[0], None)]
+        try:
+            for start in range(0, len(ids), PROMPT_LOGITS_SLICE):
+                part = ids[start : start + PROMPT_LOGITS_SLICE]
+                llm._batch.set_batch(part, n_past=start, logits_all=True)
+                llm._ctx.decode(llm._batch)
+                logits = self._logits(len(part))
+                for j in range(len(part)):
+                    at = start + j + 1  # the row of position start + j predicts the token after it
+                    if at < len(ids):
+                        row = log_softmax(logits[j])
+                        out.append(self._logprob(ids[at], row[ids[at]], top_of(row, top)))
+        finally:
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            llm.reset()
+        return out
 
     def token_id(self, token: str) -> int | None:
         if token not in self._special_ids:
@@ -99,9 +171,14 @@ class LlamaCppBackend(LocalBackend):
             prompt_ids, temp=params.temperature, top_p=params.top_p, top_k=params.top_k,
             min_p=0.0, repeat_penalty=1.0, reset=True, grammar=grammar,
         )
+        k = params.logprobs
         try:
             for i, tok in enumerate(gen):
-                yield tok
+                if k is None:
+                    yield tok
+                else:  # the logits of the step that sampled tok are still llama.cpp's last output
+                    row = log_softmax(self._logits())
+                    yield self._logprob(tok, row[tok], top_of(row, k))
                 if i + 1 >= max_new:
                     return
         finally:

@@ -11,6 +11,10 @@ Closing the stream closes the HTTP response, which stops a server that
 notices disconnects (phikit and vLLM do). Tools are declared in the system
 prompt the phikit way (JSON list) so `phikit.chat.run_tools` parses the reply
 as it does locally; JSON output uses `response_format` json_schema.
+Log-probabilities are asked of the server (`logprobs`/`top_logprobs` on chat,
+`logprobs` on completions; the prompt's through one `echo` request) and passed
+on as the server gave them (by token text: `Logprob.id` is None); a server that
+answers without them is a 400 naming this backend, never a silent null.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Iterator
 from ...errors import ContextLengthError, PhikitError, require
 from ...formats import ChatFormat, Message
 from ..backend import Backend
-from ..types import Chunk, Result, SamplingParams, Stats, join
+from ..types import Chunk, Logprob, Result, SamplingParams, Stats, join
 
 DEFAULT_CONTEXT = 4096  # used when the server does not say (vLLM reports max_model_len; Ollama and OpenAI do not)
 
@@ -132,13 +136,52 @@ class OpenAIRemoteBackend(Backend):
         body = {**self._body(params), "messages": msgs}
         if params.json_schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": params.json_schema}}
-        return self._events("/chat/completions", body, lambda ch: (ch.get("delta") or {}).get("content") or "")
+        if params.prompt_logprobs is not None:
+            raise PhikitError(f"the {self.name} backend gives the prompt's log-probabilities on completions only "
+                              "(OpenAI's chat route has no echo)")
+        if params.logprobs is not None:
+            body.update(logprobs=True, top_logprobs=params.logprobs)
+        return self._events("/chat/completions", body, lambda ch: (ch.get("delta") or {}).get("content") or "",
+                            chat_logprobs if params.logprobs is not None else None)
 
-    def stream_prompt(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+    def stream_prompt(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Chunk]:
+        """`prompt` as text, or token ids of the server's model (passed on as they are)."""
         body = {**self._body(params), "prompt": prompt}
-        return self._events("/completions", body, lambda ch: ch.get("text") or "")
+        if params.logprobs is not None:
+            body["logprobs"] = params.logprobs
+        first = []
+        if params.prompt_logprobs is not None:
+            first = [Chunk(prompt_logprobs=self._prompt_logprobs(prompt, params.prompt_logprobs))]
+            if params.max_tokens == 0:
+                return iter([*first, Chunk(finish_reason="length", stats=Stats(prompt_tokens=len(first[0].prompt_logprobs)))])
+        rest = self._events("/completions", body, lambda ch: ch.get("text") or "",
+                            completion_logprobs if params.logprobs is not None else None)
+        return _chain(first, rest)
 
-    def _events(self, path: str, body: dict, text_of) -> Iterator[Chunk]:
+    def _prompt_logprobs(self, prompt: str | list[int], top: int) -> list[Logprob]:
+        """The prompt's tokens with their log-probabilities, from one blocking `echo` request (one token
+        generated, for servers that refuse max_tokens 0; usage.prompt_tokens says where the prompt ends)."""
+        import httpx
+
+        body = {"model": self.model_name, "prompt": prompt, "echo": True, "logprobs": top, "max_tokens": 1, "temperature": 0}
+        try:
+            r = self.client.post("/completions", json=body)
+        except httpx.HTTPError as e:
+            raise PhikitError(f"cannot reach {self.base_url}/completions ({e}): start the server or fix --base-url") from None
+        if r.status_code >= 400:
+            self._fail(r)
+        out = r.json()
+        n = (out.get("usage") or {}).get("prompt_tokens")
+        lps = completion_logprobs((out.get("choices") or [{}])[0])
+        if lps is None or not n or len(lps) < n:
+            raise self._no_logprobs()
+        return lps[:n]
+
+    def _no_logprobs(self) -> PhikitError:
+        return PhikitError(f"the {self.name} backend: the server at {self.base_url} answered without log-probabilities "
+                           f"for {self.model_name!r}; it does not give them (vLLM and phikit serve do): leave logprobs out")
+
+    def _events(self, path: str, body: dict, text_of, logprobs_of=None) -> Iterator[Chunk]:
         import httpx
 
         t0 = time.perf_counter()
@@ -150,9 +193,9 @@ class OpenAIRemoteBackend(Backend):
             resp.read()
             resp.close()
             self._fail(resp)
-        return self._chunks(resp, text_of, t0)
+        return self._chunks(resp, text_of, t0, logprobs_of)
 
-    def _chunks(self, resp, text_of, t0: float) -> Iterator[Chunk]:
+    def _chunks(self, resp, text_of, t0: float, logprobs_of=None) -> Iterator[Chunk]:
         stats, finish = Stats(), "stop"
         t_first = t_last = None
         pieces = 0
@@ -172,11 +215,14 @@ class OpenAIRemoteBackend(Backend):
                     stats.completion_tokens = event["usage"].get("completion_tokens", 0)
                 for ch in event.get("choices") or []:
                     text = text_of(ch)
-                    if text:
+                    lps = logprobs_of(ch) if logprobs_of is not None else None
+                    if text and logprobs_of is not None and lps is None:
+                        raise self._no_logprobs()
+                    if text or lps:
                         t_last = time.perf_counter()
                         t_first = t_first or t_last
                         pieces += 1
-                        yield Chunk(text=text)
+                        yield Chunk(text=text, logprobs=lps)
                     if ch.get("finish_reason"):
                         finish = ch["finish_reason"]
         finally:
@@ -196,3 +242,41 @@ class OpenAIRemoteBackend(Backend):
     def info(self) -> dict:
         return {"backend": self.name, "device": "remote", "base_url": self.base_url, "remote_model": self.model_name,
                 "context_length": self.context_length}
+
+
+def _chain(first: list[Chunk], rest: Iterator[Chunk]) -> Iterator[Chunk]:
+    try:
+        yield from first
+        yield from rest
+    finally:
+        rest.close()
+
+
+def _piece(entry: dict) -> bytes:
+    raw = entry.get("bytes")
+    return bytes(raw) if isinstance(raw, list) else str(entry.get("token", "")).encode("utf-8")
+
+
+def chat_logprobs(choice: dict) -> list[Logprob] | None:
+    """The Logprobs of a chat choice or delta (`{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`)."""
+    content = (choice.get("logprobs") or {}).get("content")
+    if content is None:
+        return None
+    return [Logprob(None, _piece(e), float(e["logprob"]),
+                    [Logprob(None, _piece(t), float(t["logprob"])) for t in e.get("top_logprobs") or []])
+            for e in content]
+
+
+def completion_logprobs(choice: dict) -> list[Logprob] | None:
+    """The Logprobs of a completions choice (`{"tokens", "token_logprobs", "top_logprobs", ...}`); the
+    log-probability is None where the server gives none (an echoed prompt's first token)."""
+    lp = choice.get("logprobs")
+    if not lp or lp.get("tokens") is None:
+        return None
+    tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
+    out = []
+    for tok, v, top in zip(lp["tokens"], lp.get("token_logprobs") or [], tops):
+        alts = sorted((top or {}).items(), key=lambda kv: -kv[1])
+        out.append(Logprob(None, str(tok).encode("utf-8"), None if v is None else float(v),
+                           [Logprob(None, t.encode("utf-8"), float(x)) for t, x in alts]))
+    return out

@@ -32,9 +32,20 @@ def load_schema(path: str | Path) -> dict:
         raise DataError(f"{p}: {e}") from None
 
 
+#: Any JSON object: what OpenAI's response_format {"type": "json_object"} and Ollama's format "json" ask for.
+JSON_OBJECT = {"type": "object"}
+
+
 def with_schema(messages: list[Message], schema: dict) -> list[Message]:
-    """The messages with an instruction to answer in JSON matching `schema` added to the system prompt."""
-    note = "Answer only with JSON that matches this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
+    """The messages with an instruction to answer in JSON added to the system prompt.
+
+    A schema that constrains the answer is shown to the model. JSON_OBJECT is not: it says nothing about
+    the content, and a small model shown `{"type": "object"}` answers with that very object; the
+    instruction asks for the answer itself as a JSON object instead."""
+    if schema == JSON_OBJECT:
+        note = "Answer with a JSON object whose keys name the things asked for and whose values give them. Write only the JSON."
+    else:
+        note = "Answer only with JSON that matches this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
     msgs = [dict(m) for m in messages]
     if msgs and msgs[0].get("role") == "system" and msgs[0].get("content"):
         msgs[0]["content"] = f"{msgs[0]['content']}\n\n{note}"

@@ -18,6 +18,7 @@ from ..errors import DataError
 Message = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
 _MARK = "\x00"  # stands for a turn's content when splitting turn() into prefix and suffix
+_DECL = "\x01"  # stands for the tool declarations in tools_in_system()
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,11 @@ class ChatFormat:
         raise NotImplementedError
 
     def system_with_tools(self, system: str, tools: list[dict]) -> str:
-        """System prompt text carrying the tool declarations (JSON list by default)."""
-        decl = json.dumps([_tool_decl(t) for t in tools], ensure_ascii=False)
+        """System prompt text carrying the tool declarations."""
+        return self.tools_in_system(system, json.dumps([_tool_decl(t) for t in tools], ensure_ascii=False))
+
+    def tools_in_system(self, system: str, decl: str) -> str:
+        """`system` with `decl`, the tools as a JSON list, declared in it (in prose by default)."""
         lead = (system + "\n\n") if system else ""
         return (
             f"{lead}You can call these tools. To call one, answer with only a JSON list "
@@ -80,7 +84,7 @@ class ChatFormat:
             if role not in ROLES:
                 raise DataError(f"message {i}: role must be one of {', '.join(ROLES)}, got {role!r}")
             content = m.get("content")
-            if content is None and m.get("tool_calls"):
+            if not content and m.get("tool_calls"):  # OpenAI sends None with calls, Ollama ""
                 content = self.render_tool_calls(m["tool_calls"])
             if content is None:
                 content = ""
@@ -94,8 +98,12 @@ class ChatFormat:
         return msgs
 
     def render_tool_calls(self, calls: list[dict]) -> str:
-        """Text of an assistant turn that made these calls (JSON list by default)."""
-        return json.dumps([_call_json(c) for c in calls], ensure_ascii=False)
+        """Text of an assistant turn that made these calls."""
+        return self.wrap_tool_calls(json.dumps([_call_json(c) for c in calls], ensure_ascii=False))
+
+    def wrap_tool_calls(self, body: str) -> str:
+        """An assistant turn's text around `body`, its calls as a JSON list (bare by default)."""
+        return body
 
     # -- training ----------------------------------------------------------
     def training_segments(self, messages: Iterable[Message]) -> list[tuple[str, bool]]:
@@ -157,21 +165,46 @@ class ChatFormat:
         return head + loop + f"{{% if add_generation_prompt %}}{{{{ {q(self.generation_prompt())} }}}}{{% endif %}}"
 
     def ollama_template(self) -> str:
-        """An Ollama Modelfile TEMPLATE (Go text/template over `.Messages`) rendering what `render` renders.
+        """An Ollama Modelfile TEMPLATE (Go text/template over `.Messages` and `.Tools`) rendering what `render` renders.
 
         The last assistant message is left open (Ollama continues it); after
         any other last message the generation prompt follows. A default system
         prompt goes in the Modelfile's SYSTEM line, which Ollama inserts.
+
+        Tools are declared where `system_with_tools` puts them (in the first
+        system turn, else in a system turn of their own), and an assistant's
+        `.ToolCalls` are written as `render_tool_calls` writes them. Ollama finds
+        calls in what the model emits by the text that opens the template's
+        `{{ if .ToolCalls }}` section (up to any "{"): `<|tool_call|>` for
+        Phi-4-mini; none for the JSON styles, which makes Ollama read any JSON
+        object naming a tool. The JSON inside is Ollama's own (compact, keys in
+        its order, a missing description as ""): the same values as phikit's.
         """
+        decl = "[{{ range $k, $t := $.Tools }}{{ if $k }}, {{ end }}{{ json .Function }}{{ end }}]"
+        # The separators are actions, not text: Ollama would take a text "[" or ", " as the calls' opening tag.
+        calls = ('{{ range $j, $c := .ToolCalls }}{{ if $j }}{{ ", " }}{{ else }}{{ "[" }}{{ end }}'
+                 '{"name": {{ json .Function.Name }}, "arguments": {{ .Function.Arguments }}}{{ end }}]')
+
+        def declared(system: str) -> str:
+            return self.tools_in_system(system, _DECL).replace(_MARK, "{{ .Content }}").replace(_DECL, decl)
+
         branches = []
         for role in ROLES:
             pre, post = self.turn_parts(role)
             kw = "if" if not branches else "else if"
-            close = f"{{{{ if not $last }}}}{post}{{{{ end }}}}" if role == "assistant" else post
-            branches.append(f'{{{{ {kw} eq .Role "{role}" }}}}{pre}{{{{ .Content }}}}{close}')
+            body = "{{ .Content }}"
+            if role == "system":
+                body = (f"{{{{ if and (eq $i 0) $.Tools }}}}{{{{ if .Content }}}}{declared(_MARK)}{{{{ else }}}}{declared('')}{{{{ end }}}}"
+                        f"{{{{ else }}}}{body}{{{{ end }}}}")
+            elif role == "assistant":
+                body = f"{{{{ if and .ToolCalls (not .Content) }}}}{self.wrap_tool_calls(calls)}{{{{ else }}}}{body}{{{{ end }}}}"
+                post = f"{{{{ if not $last }}}}{post}{{{{ end }}}}"
+            branches.append(f'{{{{ {kw} eq .Role "{role}" }}}}{pre}{body}{post}')
+        sys_pre, sys_post = self.turn_parts("system")
+        own_system = f'{{{{ if and (eq $i 0) $.Tools (ne .Role "system") }}}}{sys_pre}{declared("")}{sys_post}{{{{ end }}}}'
         return (
             "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
-            + "".join(branches) + "{{ end }}"
+            + own_system + "".join(branches) + "{{ end }}"
             + f'{{{{ if and $last (ne .Role "assistant") }}}}{self.generation_prompt()}{{{{ end }}}}{{{{ end }}}}'
         )
 

@@ -1,9 +1,8 @@
 """Phi-4-mini-instruct: no newlines between turns, tools in `<|tool|>...<|/tool|>`."""
 
-import json
 from dataclasses import dataclass
 
-from .base import ChatFormat, _call_json, _tool_decl
+from .base import ChatFormat
 
 
 @dataclass(frozen=True)
@@ -14,12 +13,10 @@ class Phi4MiniFormat(ChatFormat):
     def generation_prompt(self) -> str:
         return "<|assistant|>"
 
-    def system_with_tools(self, system: str, tools: list[dict]) -> str:
-        decl = json.dumps([_tool_decl(t) for t in tools], ensure_ascii=False)
+    def tools_in_system(self, system: str, decl: str) -> str:
         return f"{system}<|tool|>{decl}<|/tool|>"
 
-    def render_tool_calls(self, calls: list[dict]) -> str:
-        body = json.dumps([_call_json(c) for c in calls], ensure_ascii=False)
+    def wrap_tool_calls(self, body: str) -> str:
         return f"<|tool_call|>{body}<|/tool_call|>"
 
 

@@ -27,13 +27,47 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# bitsandbytes' CPU backend, imported on a CPU with AVX512-BF16 (the GPU hosts' Xeons), asks the `kernels`
+# package for a faster NF4 matmul from the Hugging Face Hub (this repository). kernels >= 0.19 loads a kernel
+# from a publisher it cannot verify only with trust_remote_code=True, which bitsandbytes does not pass, and
+# offline there is nothing to fetch: the lookup fails every time, bitsandbytes falls back to the NF4 kernel it
+# ships, and its log says "Failed to load CPU gemm_4bit_forward ... Set trust_remote_code=True" (offline,
+# kernels adds "Skipping publisher trust check"). Nothing is lost and the user can do nothing about it, so
+# import_bitsandbytes drops exactly these lines (no setting turns the lookup off: it runs in the module body).
+_BNB_HUB_KERNEL = "kernels-community/quantization-bitsandbytes"
+_BNB_LOOKUP_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+def import_bitsandbytes(why: str = "--quant nf4 needs bitsandbytes"):
+    """bitsandbytes, imported without the log lines of its failing hub-kernel lookup (see above);
+    MissingDependencyError with an install hint when it is absent."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:  # imported already: the lookup ran then, or never will
+        return sys.modules["bitsandbytes"]
+    loggers = [logging.getLogger(name) for name in _BNB_LOOKUP_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(_drop_hub_kernel_lookup)
+    try:
+        return require("bitsandbytes", why=why)
+    finally:
+        for lg in loggers:
+            lg.removeFilter(_drop_hub_kernel_lookup)
+
+
+def _drop_hub_kernel_lookup(record: logging.LogRecord) -> bool:
+    """A logging filter: False (drop) for the lookup's lines only."""
+    msg = record.getMessage()
+    return not ("gemm_4bit_forward from kernels-community" in msg or _BNB_HUB_KERNEL in msg)
+
+
 def nf4_config():
     """The tutorials' 4-bit recipe: NF4, double quantisation, bf16 compute."""
     import torch
     from transformers import BitsAndBytesConfig
 
     try:
-        require("bitsandbytes", why="--quant nf4 needs bitsandbytes")
+        import_bitsandbytes()
     except MissingDependencyError as e:
         raise DeviceError(str(e)) from None
     return BitsAndBytesConfig(
@@ -77,6 +111,11 @@ def load_hf(spec: ModelSpec, quant: str = "none", device: str = "auto", dtype: s
         raise DeviceError(f"{spec.path} is saved in NF4 (bitsandbytes): load it with --quant nf4 (or none: it loads as saved)")
     if quant == "int4" and not dev.startswith("cuda"):
         raise DeviceError("--quant int4 (tinygemm weight-only int4) runs on CUDA only: use --quant nf4 on the CPU")
+    if saved4 or quant in ("nf4", "nf4-dynamic"):
+        try:
+            import_bitsandbytes()  # before transformers imports it: quietly (see import_bitsandbytes)
+        except MissingDependencyError as e:
+            raise DeviceError(str(e)) from None
     if saved4:
         # Saved pre-quantised (phikit quantize): its config says what is 4-bit; any --quant but int4 loads it as saved.
         if quant == "none":

@@ -160,7 +160,7 @@ def test_ollama_generate(oll, model):
 
 def test_ollama_listing_and_embed(oll, model):
     names = [m.model for m in oll.list().models]
-    assert names == [model.name + ":latest"]
+    assert names[0] == model.name + ":latest"  # then any registry model whose weights are on this machine
     show = oll.show(model.name)
     assert show.details.format == "gguf" and show.details.parameter_size == "135M"
     assert "<|im_start|>" in show.template

@@ -33,12 +33,13 @@ CPU_BUDGET_S = 60
 
 
 @pytest.fixture(scope="module")
-def served(embedded_gguf):
+def served(embedded_gguf, tmp_path_factory):
     import phikit
 
     model = phikit.load(n_ctx=256)  # long random prompts fail the context check before any costly prompt evaluation
     limits = Limits(max_tokens=2, max_n=2, max_body_bytes=32_000, max_messages=8, max_tools=4, max_inputs=4)
-    with ServerThread(create_app(model, ServeConfig(api_key=KEY, limits=limits))) as srv:
+    models_dir = str(tmp_path_factory.mktemp("models"))  # what /api/create, /api/copy and /api/delete touch: never ~/.phikit
+    with ServerThread(create_app(model, ServeConfig(api_key=KEY, limits=limits, models_dir=models_dir))) as srv:
         yield srv, model.name
 
 

@@ -40,6 +40,18 @@ def bind_address(host: str | None, port: int | None, environ=os.environ) -> tupl
     return host, port
 
 
+def parse_size(value: str) -> int:
+    """Bytes of a size as --max-memory takes it: 8G, 8GB, 8GiB, 500M, 1.5T, or a plain number of bytes."""
+    import re
+
+    from ..errors import PhikitError
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", value.lower())
+    if not m:
+        raise PhikitError(f"--max-memory: {value!r} is not a size: write it like 8G, 500M or 1.5T (bytes: a plain number)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
 def add_arguments(p) -> None:
     add_model_args(p)
     g = p.add_argument_group("server")
@@ -50,10 +62,24 @@ def add_arguments(p) -> None:
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from this origin (repeatable; '*' for any). CORS is off without it")
     g.add_argument("--alias", action="append", default=[], metavar="NAME",
-                   help="another model name clients may ask for (repeatable), e.g. gpt-4o-mini")
+                   help="another name clients may ask for the chat model by (repeatable), e.g. gpt-4o-mini")
+    g.add_argument("--embed-alias", action="append", default=[], metavar="NAME",
+                   help="another name clients may ask for the embedder by (repeatable); it answers to all-minilm-l6-v2, "
+                        "text-embedding-3-small, text-embedding-3-large, text-embedding-ada-002 and nomic-embed-text without one")
     g.add_argument("--rag-store", default=None, metavar="DIR",
                    help="a store built with `phikit rag index` (folder or qdrant:// URL): enables POST /v1/rag/query and the page's RAG toggle")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    m = p.add_argument_group("several models (requests name theirs; others than --model load on first use)")
+    m.add_argument("--max-loaded", type=int, default=None, metavar="N",
+                   help="models held loaded at once; loading one more first unloads the least recently used idle one "
+                        "(default: $OLLAMA_MAX_LOADED_MODELS, else 3)")
+    m.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory all loaded models may take together, e.g. 8G (a model not loaded yet counts its files' size); "
+                        "default: no budget but --max-loaded")
+    m.add_argument("--keep-alive", default=None, metavar="DURATION",
+                   help="how long a model loaded on demand stays loaded after its last request: 5m, 1h, 90s, 0 (unload at once), "
+                        "-1 (forever); default $OLLAMA_KEEP_ALIVE, else 5m. A request's keep_alive wins. The --model one "
+                        "stays loaded (unloaded only for room under the budget, or by a request with keep_alive 0 and no prompt)")
     lim = p.add_argument_group("limits (over one is a 400; a request line and headers over 16 KiB are a 431)")
     lim.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     lim.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
@@ -81,8 +107,26 @@ def run(args) -> int:
         max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_n=args.max_n,
         max_tools=args.max_tools, max_messages=args.max_messages, max_inputs=args.max_inputs,
     )
+    # Models loaded on demand take the load options given here (not --model's own --adapter, --format or remote backend).
+    load_options = {k: v for k, v in dict(quant=args.quant, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx,
+                                          threads=args.threads).items() if v is not None}
+    if args.backend == "transformers":
+        load_options["backend"] = "transformers"
+    start_load = {**load_options, "model": args.model, "backend": args.backend, "adapter": args.adapter, "format": args.format,
+                  "base_url": args.base_url}
+    several = {}
+    if args.max_loaded is not None:
+        if args.max_loaded < 1:
+            raise PhikitError("--max-loaded must be at least 1")
+        several["max_loaded"] = args.max_loaded
+    if args.keep_alive is not None:
+        from ..serve.pool import parse_keep_alive
+
+        several["keep_alive"] = parse_keep_alive(args.keep_alive, "--keep-alive")
     config = ServeConfig(api_key=args.api_key, cors_origins=list(args.cors_origin), aliases=list(args.alias),
-                         rag_store=args.rag_store, limits=limits)
+                         embed_aliases=list(args.embed_alias),
+                         rag_store=args.rag_store, limits=limits, load_options=load_options, start_load=start_load,
+                         max_memory=parse_size(args.max_memory) if args.max_memory else None, **several)
     model = load_from_args(args)
     print(f"phikit: serving {model.name} ({model.backend.name}) on http://{args.host}:{args.port}  "
           f"(OpenAI: /v1, Ollama: /api, chat page: /ui)", file=sys.stderr)

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import PhikitError, require
+from ..errors import DataError, PhikitError, require
 
 DEFAULT = "all-MiniLM-L6-v2 (embedded)"
 _DEFAULT_NAMES = (None, "", DEFAULT, "default", "minilm")
@@ -87,8 +87,50 @@ class Embedder:
         """Normalised embeddings of `texts` as lists, and the number of tokens they took (the embedding APIs)."""
         with self._lock:
             vecs = self.encode(texts)
-            n_tokens = sum(len(ids) for ids in self.model.tokenizer(texts)["input_ids"]) if texts else 0
+            n_tokens = sum(self.count_tokens(texts))
         return vecs.tolist(), n_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens of one text the model reads (loads the model); the rest is cut off."""
+        return int(self.model.max_seq_length)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Each text's length in the model's tokens, special tokens included, before any cut."""
+        return [len(ids) for ids in self.model.tokenizer(texts)["input_ids"]] if texts else []
+
+    def embed_ids(self, ids: list[list[int]]) -> tuple[list[list[float]], int]:
+        """`embed` for texts given as the model's own token ids: its tokenizer's whole output, from its first
+        special token (BERT's [CLS]) to its last ([SEP]); one longer than `max_tokens` is cut as the tokenizer
+        cuts text. DataError when a row is not such ids."""
+        import torch
+
+        with self._lock:
+            m = self.model
+            tok = m.tokenizer
+            first, last, n_vocab = tok.cls_token_id, tok.sep_token_id, len(tok)
+            for i, row in enumerate(ids):
+                bad = next((t for t in row if not 0 <= t < n_vocab), None)
+                if bad is not None:
+                    raise DataError(f"input {i}: token id {bad} is not in the model's vocabulary of {n_vocab}")
+                if first is not None and last is not None and (len(row) < 2 or row[0] != first or row[-1] != last):
+                    raise DataError(f"input {i} does not start with {tok.cls_token} ({first}) and end with {tok.sep_token} ({last})")
+            limit = self.max_tokens
+            rows = [r if len(r) <= limit else r[:limit - 1] + r[-1:] for r in ids]
+            width = max(map(len, rows))
+            feats = (getattr(m, "preprocess", None) or m.tokenize)([""] * len(rows))  # the features this model's forward takes
+            input_ids = torch.full((len(rows), width), tok.pad_token_id or 0, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                input_ids[i, :len(r)] = torch.tensor(r)
+                mask[i, :len(r)] = 1
+            feats.update(input_ids=input_ids, attention_mask=mask)
+            if "token_type_ids" in feats:
+                feats["token_type_ids"] = torch.zeros_like(input_ids)
+            feats = {k: v.to(m.device) if isinstance(v, torch.Tensor) else v for k, v in feats.items()}
+            with torch.inference_mode():
+                vecs = torch.nn.functional.normalize(m(feats)["sentence_embedding"].float(), dim=-1)
+        return vecs.cpu().tolist(), sum(map(len, ids))
 
 
 def resolve_name(name: str | None) -> tuple[str, str]:

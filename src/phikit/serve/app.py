@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI and Ollama routes over one model, plus /health, /metrics and the /ui page.
+"""The FastAPI app: OpenAI (chat, completions, responses, embeddings) and Ollama routes over one model, plus /health,
+/metrics and the /ui page.
 
     from phikit.serve import create_app, ServeConfig
     app = create_app(phikit.load(), ServeConfig(api_key="s3cret"))
@@ -64,12 +65,14 @@ class Guard:
                 status["code"] = message["status"]
             await send(message)
 
+        uses = scope["phikit.uses"] = []  # the models this request holds (ServerState.use), released once it has ended
         try:
             err = self._check(request)
             if err is not None:
                 return await error_response(request, err)(scope, receive, counted_send)
             await self.app(_json_body(scope), self._limited(receive), counted_send)
         finally:
+            self.state.release(uses)
             self.state.metrics.request(path if path in self.known else "other", status["code"])
 
     def _check(self, request: Request) -> ApiError | None:
@@ -107,13 +110,14 @@ class Guard:
 
 def create_app(model, config: ServeConfig | None = None) -> FastAPI:
     """An ASGI app serving `model` (a phikit Model) with `config` (API key, CORS, limits)."""
-    from . import ollama_routes, openai_routes, rag_routes
+    from . import ollama_routes, openai_routes, rag_routes, responses_routes
 
     config = config or ServeConfig()
     state = ServerState(model, config)
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        state.pool.shutdown()
         state.worker.shutdown()
         if state.rag_pool is not None:
             state.rag_pool.shutdown(wait=False, cancel_futures=True)
@@ -128,6 +132,7 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
         return Response(status_code=499)  # nobody reads it: the client left while queued
 
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     app.include_router(ollama_routes.router)
     app.include_router(rag_routes.router)
 
@@ -137,7 +142,7 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        text = state.metrics.render(state.worker.waiting, state.worker.active)
+        text = state.metrics.render(state.worker.waiting, state.worker.active, state.pool)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/info")

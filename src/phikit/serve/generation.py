@@ -85,12 +85,19 @@ def pick_tools(tools: list[dict] | None, tool_choice: Any) -> tuple[list[dict] |
                    param="tool_choice")
 
 
+def _json_object() -> dict:
+    """Any JSON object; with_schema asks the model for its answer as one (not for this schema, which it would echo)."""
+    from ..chat.structured import JSON_OBJECT
+
+    return dict(JSON_OBJECT)
+
+
 def schema_of_response_format(rf: dict | None) -> dict | None:
     """The JSON schema that OpenAI's response_format asks for (None for text)."""
     if rf is None or rf.get("type") in (None, "text"):
         return None
     if rf["type"] == "json_object":
-        return {"type": "object"}
+        return _json_object()
     if rf["type"] == "json_schema":
         js = rf.get("json_schema")
         if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
@@ -106,7 +113,7 @@ def schema_of_ollama_format(fmt: Any) -> dict | None:
     if fmt in (None, ""):
         return None
     if fmt == "json":
-        return {"type": "object"}
+        return _json_object()
     if isinstance(fmt, dict):
         return fmt
     raise ApiError(400, "format must be \"json\" or a JSON schema object", param="format")

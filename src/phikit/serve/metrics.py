@@ -1,4 +1,4 @@
-"""Prometheus text metrics: requests, tokens, time to first token, queue length.
+"""Prometheus text metrics: requests, tokens, time to first token, queue length, loaded models.
 
 Written by hand rather than with prometheus_client: four metric families and
 one text format are less code than wiring a registry, and add no dependency.
@@ -32,7 +32,8 @@ class Metrics:
             if ttft_s <= le:
                 self.ttft_buckets[i] += 1
 
-    def render(self, queue_length: int, active: int) -> str:
+    def render(self, queue_length: int, active: int, pool=None) -> str:
+        """The metrics text; `pool` (serve.pool.Pool) adds the loaded models, their bytes and the loads and unloads."""
         out = [
             "# HELP phikit_requests_total HTTP requests by route and status.",
             "# TYPE phikit_requests_total counter",
@@ -62,4 +63,23 @@ class Metrics:
             "# TYPE phikit_generation_active gauge",
             f"phikit_generation_active {active}",
         ]
+        if pool is not None:
+            out += [
+                "# HELP phikit_model_loaded_bytes Memory of each loaded model, by the name that last used it.",
+                "# TYPE phikit_model_loaded_bytes gauge",
+            ]
+            for slot in sorted(pool.loaded(), key=lambda s: s.name):
+                name = slot.name.replace("\\", "\\\\").replace('"', '\\"')
+                out.append(f'phikit_model_loaded_bytes{{model="{name}"}} {slot.size}')
+            out += [
+                "# HELP phikit_models_loaded Models loaded now.",
+                "# TYPE phikit_models_loaded gauge",
+                f"phikit_models_loaded {len(pool.loaded())}",
+                "# HELP phikit_model_loads_total Models loaded on demand.",
+                "# TYPE phikit_model_loads_total counter",
+                f"phikit_model_loads_total {pool.loads}",
+                "# HELP phikit_model_unloads_total Models unloaded (keep-alive ended, evicted for room, or asked).",
+                "# TYPE phikit_model_unloads_total counter",
+                f"phikit_model_unloads_total {pool.unloads}",
+            ]
         return "\n".join(out) + "\n"

@@ -4,6 +4,15 @@ Streams are framed as server-sent events ending in `data: [DONE]`; with
 `stream_options.include_usage` a last chunk with empty `choices` carries the
 usage. `n` choices are generated one after another on the one slot, each with
 its own seed (seed + index) so they differ yet stay reproducible.
+
+Log-probabilities (`logprobs` 0..5 on completions, in the legacy shape
+`{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`; `logprobs: true` and
+`top_logprobs` 0..20 on chat, in `{"content": [{"token", "logprob", "bytes",
+"top_logprobs"}]}`) are the model's raw distribution, before temperature, top-p and
+any JSON constraint (engine.types.Logprob), as vLLM returns by default. Completions
+with `echo` give the prompt's tokens too, the first one's logprob null; with
+`max_tokens: 0` nothing is generated: the prompt is scored (lm-evaluation-harness's
+loglikelihood). A prompt may be token ids of the served model's tokenizer.
 """
 
 from __future__ import annotations
@@ -18,14 +27,16 @@ from typing import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 
-from ..engine.types import MAX_STOPS, Chunk, SamplingParams
+from ..engine.types import MAX_STOPS, Chunk, Logprob, SamplingParams
 from ..errors import PhikitError
 from .errors import ApiError, internal_error, not_found_model
 from .generation import (
     chat_stream, check_forced_calls, check_tools, pick_tools, primed, schema_of_response_format, tool_calls_of, with_json,
 )
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_responses
-from .state import EMBED_NAME, ChunkStreamResponse, ServerState
+from .modelfile import SPECIAL_STOPS
+from .embeddings import embed as embed_input
+from .state import ChunkStreamResponse, ServerState
 from .worker import Lease
 
 router = APIRouter()
@@ -45,14 +56,56 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def _params(body, max_tokens: int, index: int) -> SamplingParams:
+def _params(body, max_tokens: int, index: int, defaults: dict | None = None, **more) -> SamplingParams:
+    """The request's sampling, over `defaults` (the PARAMETERs of a model made with /api/create), over OpenAI's."""
+    d = defaults or {}
+    seed = body.seed if body.seed is not None else d.get("seed")
+    # a Modelfile's stops name the format's end tokens too: generation stops on those already
+    stop = _stops(body.stop) if body.stop is not None else [x for x in d.get("stop", []) if x not in SPECIAL_STOPS]
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's defaults
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=None if body.seed is None else body.seed + index,
-        stop=_stops(body.stop),
+        temperature=d.get("temperature", 1.0) if body.temperature is None else body.temperature,  # OpenAI's defaults
+        top_p=d.get("top_p", 1.0) if body.top_p is None else body.top_p,
+        top_k=d.get("top_k", 0),
+        seed=None if seed is None else seed + index,
+        stop=stop,
+        **more,
     ).validate()
+
+
+LOGPROB_FLOOR = -9999.0  # what OpenAI and vLLM send for a token the model rules out: JSON has no -inf
+
+
+def _value(v: float | None) -> float | None:
+    return None if v is None else max(v, LOGPROB_FLOOR)
+
+
+def _chat_logprobs(lps: list[Logprob], k: int) -> dict:
+    """Chat's shape: one entry per token, with its `k` likeliest alternatives."""
+    def entry(lp: Logprob) -> dict:
+        return {"token": lp.token, "logprob": _value(lp.logprob), "bytes": list(lp.piece)}
+
+    return {"content": [{**entry(lp), "top_logprobs": [entry(t) for t in lp.top[:k]]} for lp in lps]}
+
+
+def _legacy_logprobs(lps: list[Logprob], k: int, offset: int) -> tuple[dict, int]:
+    """Completions' shape for `lps`, their text starting at `offset` of the choice's text; and the offset after them.
+
+    top_logprobs holds the k likeliest tokens and the chosen one (as vLLM and llama.cpp's server do, so a
+    client can tell whether it was the likeliest); null for the prompt's first token."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in lps:
+        out["tokens"].append(lp.token)
+        out["token_logprobs"].append(_value(lp.logprob))
+        out["text_offset"].append(offset)
+        offset += len(lp.token)
+        top = None
+        if lp.logprob is not None:
+            top = {}
+            for t in [*lp.top[:k], lp]:
+                top.setdefault(t.token, _value(t.logprob))
+        out["top_logprobs"].append(top)
+    return out, offset
 
 
 class Usage:
@@ -129,20 +182,24 @@ async def _generate(request: Request, makers: list) -> tuple[Lease, Iterator[Chu
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = _state(request)
     lim = s.limits
-    name = s.check_model(body.model)
+    u = await s.use(request, body.model)
+    name = u.name
     s.check_limit(len(body.messages), lim.max_messages, "messages", "the number of messages")
     s.check_limit(body.n, lim.max_n, "n", "n")
     wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = s.max_tokens(wanted, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+    max_tokens = s.max_tokens(wanted, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+                              u.model, u.d.parameters.get("num_predict"))
     check_tools(body.tools, lim.max_tools, lim.max_schema_bytes)
     tools, choice = pick_tools(body.tools, body.tool_choice)
     check_forced_calls(tools, choice, lim.max_schema_bytes)
     schema = schema_of_response_format(body.response_format)
     if tools and schema is not None:
         raise ApiError(400, "response_format cannot be combined with tools: send one or the other", param="response_format")
-    messages = [m.plain() for m in body.messages]
+    k = _chat_top(body, tools)
+    messages = u.messages([m.plain() for m in body.messages])
     makers = [
-        partial(chat_stream, s.model, messages, with_json(_params(body, max_tokens, i), schema, lim.max_schema_bytes, "response_format"), tools, choice)
+        partial(chat_stream, u.model, messages, with_json(_params(body, max_tokens, i, u.d.parameters, logprobs=k), schema, lim.max_schema_bytes,
+                                                          "response_format"), tools, choice)
         for i in range(body.n)
     ]
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -152,17 +209,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "system_fingerprint": FINGERPRINT}
-        return ChunkStreamResponse(_framed(_chat_events(lease, first, makers, head, include_usage, usage), head, usage, include_usage),
-                                   lease, "text/event-stream")
+        return ChunkStreamResponse(_framed(_chat_events(lease, first, makers, head, include_usage, usage, k), head, usage,
+                                           include_usage), lease, "text/event-stream")
 
     try:
         texts, events, finishes = [""] * body.n, [[] for _ in range(body.n)], ["stop"] * body.n
+        lps: list[list[Logprob]] = [[] for _ in range(body.n)]
         async for i, c in _run_all(lease, first, makers, watch=True):
             if not isinstance(c, Chunk):  # a ToolEvent
                 events[i].append(c)
                 texts[i] = ""  # text before a call belonged to that call's turn
                 continue
             texts[i] += c.text
+            lps[i] += c.logprobs or []
             if c.finish_reason is not None:
                 finishes[i] = c.finish_reason
                 usage.finish(i, c)
@@ -174,17 +233,31 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         message = {"role": "assistant", "content": texts[i] if not calls else (texts[i].strip() or None)}
         if calls:
             message["tool_calls"] = calls
-        choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": "tool_calls" if calls else finishes[i]})
+        logprobs = None if k is None else _chat_logprobs(lps[i], k)
+        choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls" if calls else finishes[i]})
     return {"id": rid, "object": "chat.completion", "created": created, "model": name, "system_fingerprint": FINGERPRINT,
             "choices": choices, "usage": usage.dict()}
 
 
-async def _chat_events(lease: Lease, first, makers, head: dict, include_usage: bool, usage: Usage) -> AsyncIterator[str]:
+def _chat_top(body: ChatCompletionRequest, tools) -> int | None:
+    """How many alternatives each token's logprobs carry (None: logprobs not asked for)."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if not body.logprobs:
+        return None
+    if tools:  # the tool loop holds text back to find calls in it, and passes on text only
+        raise ApiError(400, "logprobs cannot be combined with tools here: send one or the other", param="logprobs")
+    return body.top_logprobs or 0
+
+
+async def _chat_events(lease: Lease, first, makers, head: dict, include_usage: bool, usage: Usage,
+                       k: int | None = None) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
     started, n_calls = set(), {}
 
-    def event(i: int, delta: dict, finish: str | None = None) -> str:
-        return _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra})
+    def event(i: int, delta: dict, finish: str | None = None, lps: list[Logprob] | None = None) -> str:
+        logprobs = None if k is None or lps is None else _chat_logprobs(lps, k)
+        return _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra})
 
     async for i, c in _run_all(lease, first, makers):
         if i not in started:  # the first chunk of a choice announces the role
@@ -196,8 +269,8 @@ async def _chat_events(lease: Lease, first, makers, head: dict, include_usage: b
                 n_calls[i] = k + 1
                 yield event(i, {"tool_calls": [{"index": k, **call}]})
             continue
-        if c.text:
-            yield event(i, {"content": c.text})
+        if c.text or c.logprobs:
+            yield event(i, {"content": c.text}, lps=c.logprobs)
         if c.finish_reason is not None:
             usage.finish(i, c)
             yield event(i, {}, "tool_calls" if n_calls.get(i) else c.finish_reason)
@@ -206,19 +279,33 @@ async def _chat_events(lease: Lease, first, makers, head: dict, include_usage: b
 @router.post("/v1/completions", responses=error_responses(400, 404))
 async def completions(body: CompletionRequest, request: Request):
     s = _state(request)
-    name = s.check_model(body.model)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
+    u = await s.use(request, body.model)
+    name = u.name
+    if not body.prompt:
         raise ApiError(400, "prompt must not be an empty list", param="prompt")
+    one = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)  # a text, or one prompt's token ids
+    prompts = [body.prompt] if one else body.prompt
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:  # nothing to continue: llama.cpp fails on zero tokens (a model without BOS encodes "" to none)
-        where = "prompt" if isinstance(body.prompt, str) else f"prompt.{empty[0]}"
-        raise ApiError(400, f"'{where}' is empty: send the text to continue", param=where)
+        where = "prompt" if one else f"prompt.{empty[0]}"
+        raise ApiError(400, f"'{where}' is empty: send the text (or token ids) to continue", param=where)
     s.check_limit(len(prompts) * body.n, s.limits.max_n, "n", "the number of choices (prompts x n)")
-    max_tokens = s.max_tokens(body.max_tokens)
-    be = s.model.backend
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens 0 generates nothing: use it with echo (and logprobs) to score the prompt", param="max_tokens")
+    max_tokens = 0 if body.max_tokens == 0 else s.max_tokens(body.max_tokens, "max_tokens", u.model, u.d.parameters.get("num_predict"))
+    be = u.model.backend
+    for where, p in zip(["prompt"] if one else [f"prompt.{i}" for i in range(len(prompts))], prompts):
+        if not isinstance(p, str):
+            try:
+                be.check_prompt_ids(p)
+            except PhikitError as e:
+                raise ApiError(400, f"'{where}': {e}", param="prompt") from None
+    k = body.logprobs
+    # The prompt's own logprobs: asked for with echo, and what an echo of token ids shows as its text.
+    scored = [body.echo and (k is not None or max_tokens == 0 or not isinstance(p, str)) for p in prompts]
     # primed: the first token is made before the status is sent, so an error is a status, not a broken stream
-    makers = [partial(_primed_prompt, be, p, _params(body, max_tokens, i)) for p in prompts for i in range(body.n)]
+    makers = [partial(_primed_prompt, be, p, _params(body, max_tokens, i, u.d.parameters, logprobs=k, prompt_logprobs=(k or 0) if sc else None))
+              for p, sc in zip(prompts, scored) for i in range(body.n)]
     echoes = [p for p in prompts for _ in range(body.n)]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     lease, first = await _generate(request, makers)
@@ -228,35 +315,57 @@ async def completions(body: CompletionRequest, request: Request):
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _completion_events(lease, first, makers, head, include_usage, echoes if body.echo else None, usage)
+        events = _completion_events(lease, first, makers, head, include_usage, echoes if body.echo else None, usage, k)
         return ChunkStreamResponse(_framed(events, head, usage, include_usage), lease, "text/event-stream")
 
     try:
-        texts, finishes = [e if body.echo else "" for e in echoes], ["stop"] * len(makers)
+        texts, finishes = [""] * len(makers), ["stop"] * len(makers)
+        scores: list[list[Logprob]] = [[] for _ in makers]  # the prompt's (with echo), then the generated tokens'
         async for i, c in _run_all(lease, first, makers, watch=True):
+            if c.prompt_logprobs is not None:
+                scores[i] = c.prompt_logprobs + scores[i]
             texts[i] += c.text
+            scores[i] += c.logprobs or []
             if c.finish_reason is not None:
                 finishes[i] = c.finish_reason
                 usage.finish(i, c)
     finally:
         lease.close()
-    choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finishes[i]} for i in range(len(makers))]
+    choices = []
+    for i in range(len(makers)):
+        text = (_echo_text(echoes[i], scores[i]) if body.echo else "") + texts[i]
+        logprobs = None if k is None else _legacy_logprobs(scores[i], k, 0)[0]
+        choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finishes[i]})
     return {**head, "choices": choices, "usage": usage.dict()}
 
 
-def _primed_prompt(be, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+def _echo_text(prompt: str | list[int], scored: list[Logprob]) -> str:
+    """The prompt as echo shows it: the text as sent, or the text of the token ids (their pieces, from the prompt's logprobs)."""
+    if isinstance(prompt, str):
+        return prompt
+    return b"".join(lp.piece for lp in scored[: len(prompt)]).decode("utf-8", errors="replace")
+
+
+def _primed_prompt(be, prompt: str | list[int], params: SamplingParams) -> Iterator[Chunk]:
     return primed(be.stream_prompt(prompt, params))
 
 
-async def _completion_events(lease, first, makers, head, include_usage, echoes, usage: Usage) -> AsyncIterator[str]:
+async def _completion_events(lease, first, makers, head, include_usage, echoes, usage: Usage, k: int | None = None) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
-    started = set()
+    started, offsets = set(), {}
+
+    def event(i: int, text: str, lps: list[Logprob] | None, finish: str | None = None) -> str:
+        logprobs = None
+        if k is not None and lps is not None:
+            logprobs, offsets[i] = _legacy_logprobs(lps, k, offsets.get(i, 0))
+        return _sse({**head, "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}], **extra})
+
     async for i, c in _run_all(lease, first, makers):
         if echoes is not None and i not in started:
             started.add(i)
-            yield _sse({**head, "choices": [{"index": i, "text": echoes[i], "logprobs": None, "finish_reason": None}], **extra})
-        if c.text or c.finish_reason is not None:
-            yield _sse({**head, "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}], **extra})
+            yield event(i, _echo_text(echoes[i], c.prompt_logprobs or []), c.prompt_logprobs)
+        if c.text or c.logprobs or c.finish_reason is not None:
+            yield event(i, c.text, c.logprobs, c.finish_reason)
         if c.finish_reason is not None:
             usage.finish(i, c)
 
@@ -265,11 +374,7 @@ async def _completion_events(lease, first, makers, head, include_usage, echoes, 
 async def embeddings(body: EmbeddingRequest, request: Request):
     s = _state(request)
     name = s.check_embed_model(body.model)
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts:
-        raise ApiError(400, "input must not be empty", param="input")
-    s.check_limit(len(texts), s.limits.max_inputs, "input", "the number of inputs")
-    vecs, n_tokens = await asyncio.to_thread(s.embedder.embed, texts)
+    vecs, n_tokens = await asyncio.to_thread(embed_input, s, name, body.input, body.dimensions)
     if body.encoding_format == "base64":
         import numpy as np
 
@@ -285,14 +390,17 @@ def _model_card(name: str, created: int) -> dict:
 @router.get("/v1/models")
 async def list_models(request: Request):
     s = _state(request)
-    names = [*s.chat_names(), EMBED_NAME]
-    return {"object": "list", "data": [_model_card(n, int(s.started)) for n in names]}
+    defs = await asyncio.to_thread(s.defs)  # the names /api/tags lists, and the embedder's
+    embed = [n for n in s.embed_names() if n not in {d.name for d in defs}]
+    return {"object": "list", "data": [*(_model_card(d.name, int(d.modified_at or s.started)) for d in defs),
+                                       *(_model_card(n, int(s.started)) for n in embed)]}
 
 
 @router.get("/v1/models/{model_id:path}", responses=error_responses(404))
 async def get_model(model_id: str, request: Request):
     s = _state(request)
-    if model_id == EMBED_NAME or model_id in s.chat_names():
-        return _model_card(model_id, int(s.started))
-    raise not_found_model(model_id, [*s.chat_names(), EMBED_NAME])
+    d = await asyncio.to_thread(s.find, model_id)
+    if model_id in s.embed_names() or d is not None:
+        return _model_card(model_id, int(d.modified_at if d is not None else s.started))
+    raise not_found_model(model_id, [*(d.name for d in await asyncio.to_thread(s.defs)), *s.embed_names()])
 

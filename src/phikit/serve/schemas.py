@@ -2,7 +2,7 @@
 
 Strict types, so `"max_tokens": "ten"` or `"stream": "yes"` is a 400 that names
 the field; unknown fields are ignored, as OpenAI and Ollama clients send many
-(`user`, `logprobs`, `presence_penalty`...) that change nothing here. Text must
+(`user`, `presence_penalty`, `logit_bias`...) that change nothing here. Text must
 be valid Unicode: JSON may escape a lone surrogate (`"\\ud800"`), which no
 tokenizer can encode, so it is a 400 here rather than a crash deep in the model.
 """
@@ -130,17 +130,23 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Union[str, list[str]]
+    # text, texts, or token ids of the served model's tokenizer (one prompt, or one list per prompt)
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
 
 
 class EmbeddingRequest(_Body):
     model: str
-    input: Union[str, list[str]]
+    # text, texts, or token ids (one text's, or a list of texts'): serve/embeddings.py says which vocabulary
+    input: Union[str, list[str], list[int], list[list[int]]]
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # only the embedder's own size (384) is accepted
 
 
 # -- Ollama ---------------------------------------------------------------
@@ -179,7 +185,7 @@ class OllamaChatRequest(_Body):
     messages: list[OllamaMessage] = Field(default_factory=list)
     stream: bool = True
     options: OllamaOptions | None = None
-    keep_alive: Union[str, float, int, None] = None  # accepted: the model stays loaded while the server runs
+    keep_alive: Union[str, float, int, None] = None  # "5m", seconds, 0 = unload after this, negative = forever
     format: Union[str, dict[str, Any], None] = None  # "json" or a JSON schema
     tools: list[dict[str, Any]] | None = None
 
@@ -199,6 +205,8 @@ class OllamaEmbedRequest(_Body):
     model: str
     input: Union[str, list[str]]
     keep_alive: Union[str, float, int, None] = None
+    dimensions: int | None = None  # only the embedder's own size (384) is accepted
+    truncate: bool = True  # false: an input longer than the embedder reads is a 400, as in Ollama
 
 
 class OllamaLegacyEmbedRequest(_Body):
@@ -209,6 +217,44 @@ class OllamaLegacyEmbedRequest(_Body):
 class OllamaShowRequest(_Body):
     model: str | None = None
     name: str | None = None  # older clients
+
+
+class OllamaCreateRequest(_Body):
+    """/api/create: today's fields, or an older client's `modelfile` text (the fields given win over it)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    model: str | None = None
+    name: str | None = None  # older clients
+    from_: str | None = Field(default=None, alias="from")  # a model name, or a .gguf file or HF folder on the server
+    files: dict[str, str] | None = None  # uploaded blobs: not taken here (the route says what to send instead)
+    adapters: dict[str, str] | None = None  # name -> a LoRA adapter folder on the server
+    template: str | None = None
+    license: Union[str, list[str], None] = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    quantize: str | None = None
+    modelfile: str | None = None
+    stream: bool = True
+
+
+class OllamaCopyRequest(_Body):
+    source: str
+    destination: str
+
+
+class OllamaDeleteRequest(_Body):
+    model: str | None = None
+    name: str | None = None  # older clients
+
+
+class OllamaPullRequest(_Body):
+    """/api/pull and /api/push."""
+
+    model: str | None = None
+    name: str | None = None  # older clients
+    insecure: bool = False
+    stream: bool = True
 
 
 # -- error bodies (declared in /openapi.json) ---------------------------------

@@ -44,14 +44,21 @@ class Model:
     def context_length(self) -> int:
         return self.backend.context_length
 
-    def stream(self, messages: str | list[Message], params: SamplingParams | None = None, **kw) -> Iterator[Chunk]:
+    def stream(self, messages: str | list[Message], params: SamplingParams | None = None, tools: list[dict] | None = None,
+               **kw) -> Iterator[Chunk]:
         """Yield Chunks of the reply to `messages` (a prompt string or chat messages).
 
-        Keyword arguments are SamplingParams fields (max_tokens, temperature,
-        top_p, top_k, seed, stop). Raises ContextLengthError when the prompt does
-        not fit the context.
+        `tools`: tool schemas declared to the model as its chat format declares them (the reply is not
+        parsed for calls: `phikit.chat.run_tools` does that). Keyword arguments are SamplingParams fields
+        (max_tokens, temperature, top_p, top_k, seed, stop). Raises ContextLengthError when the prompt
+        does not fit the context.
         """
-        return self.backend.stream(as_messages(messages), make_params(params, **kw))
+        return self.backend.stream(as_messages(messages), make_params(params, **kw), tools=tools)
+
+    def stream_prompt(self, prompt: str | list[int], params: SamplingParams | None = None, **kw) -> Iterator[Chunk]:
+        """Yield Chunks continuing `prompt` as it is: text already rendered (no chat format applied), or token
+        ids of this model's vocabulary. Keyword arguments as for `stream`."""
+        return self.backend.stream_prompt(prompt, make_params(params, **kw))
 
     def generate(self, messages: str | list[Message], params: SamplingParams | None = None, **kw) -> Result:
         """The joined result of `stream`."""

@@ -62,7 +62,7 @@ class Conversation:
         self._fit(params)
         parts: list[str] = []
         msgs = with_reasoning(self.messages()) if reason else self.messages()
-        stream = self.model.backend.stream(msgs, params)
+        stream = self.model.stream(msgs, params)
         try:
             for chunk in stream:
                 parts.append(chunk.text)

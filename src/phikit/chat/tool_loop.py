@@ -78,7 +78,7 @@ def run_tools(
         hold = _HoldBack(parser.MARKERS)
         parts: list[str] = []
         finish = "stop"
-        stream = model.backend.stream(msgs, turn_params, tools=schemas)
+        stream = model.stream(msgs, turn_params, tools=schemas)
         try:
             for c in stream:
                 parts.append(c.text)
@@ -129,23 +129,12 @@ def calls_schema(tools: list[Tool], max_calls: int = 1) -> dict:
 
 def collect(events: Iterable[Chunk | ToolEvent], model_name: str) -> Result:
     """Drain `run_tools` into a Result: the final answer's text, with `tool_calls` (dicts) in `extra`."""
-    calls: list[dict] = []
-    parts: list[str] = []
-    last = Chunk(finish_reason="stop", stats=Stats())
+    from .reply import Reply
+
+    reply = Reply()
     for ev in events:
-        if isinstance(ev, ToolEvent):
-            calls.append(ev.to_dict())
-            parts.clear()  # text before a call belonged to that turn, not to the answer
-            continue
-        parts.append(ev.text)
-        if ev.finish_reason is not None:
-            last = ev
-    s = last.stats or Stats()
-    return Result(
-        text="".join(parts).strip(), finish_reason=last.finish_reason or "stop", prompt_tokens=s.prompt_tokens,
-        completion_tokens=s.completion_tokens, ttft_s=round(s.ttft_s, 4), tokens_per_s=round(s.tokens_per_s, 2),
-        total_s=round(s.total_s, 4), model=model_name, extra={"tool_calls": calls},
-    )
+        reply.feed(ev)
+    return reply.result(model_name)
 
 
 def _run(call: ToolCall, tool: Tool | None, by_name: dict[str, Tool]) -> ToolResult:

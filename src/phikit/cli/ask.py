@@ -42,7 +42,7 @@ def read_stdin() -> str:
 
 
 def run(args) -> int:
-    from ..chat import DEFAULT_MAX_ROUNDS, ToolEvent, collect, finish, load_schema, stream_ask
+    from ..chat import DEFAULT_MAX_ROUNDS, Reply, ToolEvent, collect, finish, load_schema, stream_ask
     from ..engine.types import join
     from ..tools import get_tools
 
@@ -64,29 +64,25 @@ def run(args) -> int:
         result = collect(events, model.name) if tools else join(events, model.name)
         print(json.dumps(finish(result, reason=args.reason, json_schema=schema).to_dict(), ensure_ascii=False, default=str))
         return 0
-    parts: list[str] = []
-    last = None
+    reply = Reply()
     try:
         for ev in events:
+            reply.feed(ev)
             if isinstance(ev, ToolEvent):
                 d = ev.to_dict()
                 shown = d.get("result", d.get("error", "(not run)"))
                 print(f"[tool {d['name']}({json.dumps(d['arguments'], ensure_ascii=False)}) -> "
                       f"{json.dumps(shown, ensure_ascii=False, default=str)}]", file=sys.stderr)
-                parts.clear()
                 continue
-            parts.append(ev.text)
-            if ev.finish_reason is not None:
-                last = ev.finish_reason
             sys.stdout.write(ev.text)
             sys.stdout.flush()
     finally:
         events.close()
         sys.stdout.write("\n")
-    if last == "tool_rounds":
+    if reply.finish_reason == "tool_rounds":
         print("[stopped: the model was still calling tools after --max-tool-rounds rounds]", file=sys.stderr)
     if schema is not None:  # constrained output can only be invalid when max_tokens cut it short
         from ..chat import parse_output
 
-        parse_output("".join(parts), schema, last or "stop")
+        parse_output(reply.text, schema, reply.finish_reason or "stop")
     return 0

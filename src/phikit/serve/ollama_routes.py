@@ -28,6 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .. import __version__
+from ..chat.reply import Reply
 from ..engine.types import Chunk, SamplingParams
 from ..errors import PhikitError
 from ..formats import FORMATS
@@ -123,19 +124,15 @@ async def _respond(request: Request, s: ServerState, name: str, make, shape, str
 
         return ChunkStreamResponse(lines(), lease, "application/x-ndjson")
     try:
-        parts, events, last = [], [], Chunk(finish_reason="stop")
+        reply = Reply()
         async for c in lease.chunks(gen, watch=True):
-            if not isinstance(c, Chunk):
-                events.append(c)
-                parts.clear()  # text before a call belonged to that call's turn
-                continue
-            parts.append(c.text)
-            if c.finish_reason is not None:
-                last = c
+            reply.feed(c)
+            if isinstance(c, Chunk) and c.finish_reason is not None:
                 s.record(c)
     finally:
         lease.close()
-    return {"model": name, "created_at": _now(), **shape("".join(parts), _ollama_calls(events)), **_final_stats(last, t0)}
+    return {"model": name, "created_at": _now(), **shape(reply.text, _ollama_calls(reply.calls)),
+            **_final_stats(reply.last or Chunk(finish_reason="stop"), t0)}
 
 
 def _loaded(name: str, shape, reason: str = "load") -> dict:
@@ -185,7 +182,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     u = await s.use(request, body.model, body.keep_alive)
     params = with_json(_params(s, u, body.options), schema_of_ollama_format(body.format), s.limits.max_schema_bytes, "format")
     if body.raw:  # the prompt is already rendered: no chat template, no SYSTEM
-        make = partial(u.model.backend.stream_prompt, body.prompt, params)
+        make = partial(u.model.stream_prompt, body.prompt, params)
     else:
         prompt = [{"role": "user", "content": body.prompt}]
         # The request's system replaces the model's SYSTEM; the model's MESSAGEs come first either way, as in Ollama.

@@ -27,6 +27,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 
+from ..chat.reply import Reply
 from ..engine.types import MAX_STOPS, Chunk, Logprob, SamplingParams
 from ..errors import PhikitError
 from .errors import ApiError, internal_error, not_found_model
@@ -213,28 +214,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                            include_usage), lease, "text/event-stream")
 
     try:
-        texts, events, finishes = [""] * body.n, [[] for _ in range(body.n)], ["stop"] * body.n
-        lps: list[list[Logprob]] = [[] for _ in range(body.n)]
+        replies = [Reply() for _ in range(body.n)]
         async for i, c in _run_all(lease, first, makers, watch=True):
-            if not isinstance(c, Chunk):  # a ToolEvent
-                events[i].append(c)
-                texts[i] = ""  # text before a call belonged to that call's turn
-                continue
-            texts[i] += c.text
-            lps[i] += c.logprobs or []
-            if c.finish_reason is not None:
-                finishes[i] = c.finish_reason
+            replies[i].feed(c)
+            if isinstance(c, Chunk) and c.finish_reason is not None:
                 usage.finish(i, c)
     finally:
         lease.close()
     choices = []
-    for i in range(body.n):
-        calls = tool_calls_of(events[i])
-        message = {"role": "assistant", "content": texts[i] if not calls else (texts[i].strip() or None)}
+    for i, r in enumerate(replies):
+        calls = tool_calls_of(r.calls)
+        message = {"role": "assistant", "content": r.text if not calls else (r.text.strip() or None)}
         if calls:
             message["tool_calls"] = calls
-        logprobs = None if k is None else _chat_logprobs(lps[i], k)
-        choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls" if calls else finishes[i]})
+        logprobs = None if k is None else _chat_logprobs(r.logprobs, k)
+        choices.append({"index": i, "message": message, "logprobs": logprobs,
+                        "finish_reason": "tool_calls" if calls else r.finish_reason or "stop"})
     return {"id": rid, "object": "chat.completion", "created": created, "model": name, "system_fingerprint": FINGERPRINT,
             "choices": choices, "usage": usage.dict()}
 
@@ -293,18 +288,17 @@ async def completions(body: CompletionRequest, request: Request):
     if body.max_tokens == 0 and not body.echo:
         raise ApiError(400, "max_tokens 0 generates nothing: use it with echo (and logprobs) to score the prompt", param="max_tokens")
     max_tokens = 0 if body.max_tokens == 0 else s.max_tokens(body.max_tokens, "max_tokens", u.model, u.d.parameters.get("num_predict"))
-    be = u.model.backend
     for where, p in zip(["prompt"] if one else [f"prompt.{i}" for i in range(len(prompts))], prompts):
         if not isinstance(p, str):
             try:
-                be.check_prompt_ids(p)
+                u.model.backend.check_prompt_ids(p)  # here, so the 400 names which prompt
             except PhikitError as e:
                 raise ApiError(400, f"'{where}': {e}", param="prompt") from None
     k = body.logprobs
     # The prompt's own logprobs: asked for with echo, and what an echo of token ids shows as its text.
     scored = [body.echo and (k is not None or max_tokens == 0 or not isinstance(p, str)) for p in prompts]
     # primed: the first token is made before the status is sent, so an error is a status, not a broken stream
-    makers = [partial(_primed_prompt, be, p, _params(body, max_tokens, i, u.d.parameters, logprobs=k, prompt_logprobs=(k or 0) if sc else None))
+    makers = [partial(_primed_prompt, u.model, p, _params(body, max_tokens, i, u.d.parameters, logprobs=k, prompt_logprobs=(k or 0) if sc else None))
               for p, sc in zip(prompts, scored) for i in range(body.n)]
     echoes = [p for p in prompts for _ in range(body.n)]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -346,8 +340,8 @@ def _echo_text(prompt: str | list[int], scored: list[Logprob]) -> str:
     return b"".join(lp.piece for lp in scored[: len(prompt)]).decode("utf-8", errors="replace")
 
 
-def _primed_prompt(be, prompt: str | list[int], params: SamplingParams) -> Iterator[Chunk]:
-    return primed(be.stream_prompt(prompt, params))
+def _primed_prompt(model, prompt: str | list[int], params: SamplingParams) -> Iterator[Chunk]:
+    return primed(model.stream_prompt(prompt, params))
 
 
 async def _completion_events(lease, first, makers, head, include_usage, echoes, usage: Usage, k: int | None = None) -> AsyncIterator[str]:

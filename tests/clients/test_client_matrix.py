@@ -20,8 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -30,7 +28,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from phikit.serve.thread import free_port  # noqa: E402
+from live import ServeProcess  # noqa: E402
 
 # litellm's own TypedDicts make pydantic warn on import: noise, not the server's doing
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*ReadOnly. qualifier:UserWarning")]
@@ -88,42 +86,15 @@ def _valid_weather_args(args) -> dict:
     return args
 
 
-class Live:
+class Live(ServeProcess):
     """A `phikit serve` process on loopback, with the server's own answers to compare clients with."""
 
     def __init__(self, home: Path):
-        self.home = home
-        self.log_path = home / "serve.log"
-        self._chat: dict[str, str] = {}
-
-    def start(self) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
         # Models made with /api/create go under PHIKIT_HOME: a folder of this test's, not the user's.
-        env = {**os.environ, "PHIKIT_HOME": str(self.home / "phikit-home")}
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "phikit.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
-                                          "--n-ctx", "2048", "--max-tokens-limit", "64", "--log-level", "info"],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()[-3000:]
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(home / "serve.log", ["--n-ctx", "2048", "--max-tokens-limit", "64", "--log-level", "info"],
+                         env={"PHIKIT_HOME": str(home / "phikit-home")})
+        self.home = home
+        self._chat: dict[str, str] = {}
 
     def post(self, path: str, body: dict) -> dict:
         r = httpx.post(self.url + path, json=body, timeout=120)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -20,7 +18,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 psutil = pytest.importorskip("psutil")
 
-from phikit.serve.thread import free_port  # noqa: E402
+from live import ServeProcess  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -100,41 +98,15 @@ ROUTES_REQUIRED = [
 ]
 
 
-class Live:
+class Live(ServeProcess):
     """A `phikit serve` process on loopback: its URL, its psutil handle and its log."""
 
     def __init__(self, log_path):
-        self.log_path = log_path
-        self.proc = None
+        super().__init__(log_path, ["--n-ctx", "512", "--max-tokens-limit", "8", "--log-level", "warning"], wait_s=120)
 
-    def start(self) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "phikit.cli.main", "serve", "--port", str(port), "--n-ctx", "512",
-                                          "--max-tokens-limit", "8", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    def ready(self, health: dict) -> None:
+        assert health["model"] == NAME, "the corpus names the embedded default model"
         self.ps = psutil.Process(self.proc.pid)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                health = httpx.get(self.url + "/health")
-                if health.status_code == 200:
-                    assert health.json()["model"] == NAME, "the corpus names the embedded default model"
-                    return
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()[-3000:]
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def check_alive(self, after: str) -> None:
         try:

@@ -236,6 +236,11 @@ def test_copy_list_show_delete(served, model):
     with pytest.raises(ollama.ResponseError) as e:
         c.show("nothing-here")
     assert e.value.status_code == 404 and "bot" in e.value.error  # the message lists what is served
+    # "bot" runs on the start model's weights: while it is the last name used, /api/ps shows it; deleted, not any more
+    c.generate(model="bot", prompt="Hi", options={"num_predict": 1})
+    assert "bot:latest" in [m.model for m in c.ps().models]
+    assert c.delete("bot").status == "success"
+    assert [m.model for m in c.ps().models] == [model.name + ":latest"]
 
 
 @pytest.mark.e2e
@@ -305,7 +310,7 @@ def test_max_loaded_1_evicts_the_idle_model_never_a_busy_one_and_the_start_model
     import phikit
 
     own = phikit.load(n_ctx=512)  # this test unloads the start model: not the module's
-    srv = Served(own, ServeConfig(limits=LIMITS, max_loaded=1))
+    srv = Served(own, ServeConfig(limits=Limits(max_tokens=400), max_loaded=1))
     try:
         c, pool = srv.client, srv.state.pool
         c.create(model="other", from_=embedded_gguf, parameters={"num_ctx": 256})
@@ -325,12 +330,15 @@ def test_max_loaded_1_evicts_the_idle_model_never_a_busy_one_and_the_start_model
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
-        stream = c.chat(model=own.name, messages=HI, stream=True, options={"num_predict": 40, "temperature": 0})
+        # A long stream (counting goes on, where a chat reply may end after a few tokens): it must still run when the
+        # other request's load is found waiting, or the loopback socket's buffer would let it end unread.
+        stream = c.generate(model=own.name, prompt="1, 2, 3, 4, 5, 6,", raw=True, stream=True,
+                            options={"num_predict": 400, "temperature": 0})
         parts = [next(stream)]
         t = threading.Thread(target=other)
         t.start()
         _wait(lambda: "other" in {s.name for s in pool.slots.values()})  # its load is waiting for room
-        time.sleep(0.5)
+        time.sleep(0.1)
         assert [s.name for s in pool.loaded()] == [own.name]  # still loaded: the stream is using it
         parts += list(stream)
         events.append("stream done")

@@ -480,6 +480,7 @@ async def delete(body: OllamaDeleteRequest, request: Request):
         raise ApiError(400, f"{name!r} is one of phikit's registry models, not one made with /api/create: phikit deletes only "
                             "those (its weights stay where they are)", param="model")
     await asyncio.to_thread(s.store.delete, d.name)
+    await s.forget(d.name)
     return {"status": "success"}
 
 

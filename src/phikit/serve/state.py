@@ -255,6 +255,17 @@ class ServerState:
         opts = dict(self._start_load)
         return phikit.load(opts.pop("model", None), **opts)
 
+    async def forget(self, name: str) -> None:
+        """A deleted model's name leaves the loaded models (/api/ps names a slot by its last request's model):
+        the start model's slot takes its own name back; another unloads, now if idle, else after its requests."""
+        for slot in list(self.pool.slots.values()):
+            if base_name(slot.name).lower() != base_name(name).lower():
+                continue
+            if slot.key == self.start_key:
+                slot.name = self.name
+            else:
+                await self.pool.unload(slot.key)
+
     async def use(self, request: Request | None, name: str | None, keep_alive=None) -> Use:
         """The model a request names, loaded, held until the response ends (released by app.Guard; without
         a request the caller releases it). keep_alive: Ollama's, for after this request (None: the server's

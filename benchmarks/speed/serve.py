@@ -1,4 +1,4 @@
-"""The server's cost and throughput on the embedded default model (llama.cpp, CPU).
+"""The server's cost and throughput: one model, many clients, with and without continuous batching.
 
 1. Overhead: time to first token and decode tokens/s of the same greedy chat
    generation in-process (`Model.stream`) and through HTTP (streaming
@@ -6,13 +6,21 @@
    httpx here), interleaved so load on the machine hits both alike (and only one
    generates at a time); medians over --reps. The server is its own process, as
    in real use, so the client's parsing does not share its interpreter lock.
-2. Concurrency: aggregate output tokens/s with 1, 4 and 16 streaming clients
-   at once (one generation slot: they queue), plus the median and worst time to
-   first token a client sees (queueing included).
+2. Concurrency (issue 19's measure): N clients of the `openai` SDK (AsyncOpenAI, streaming, one event
+   loop in this process) at once, each with its own ~--prompt-tokens prompt and --client-tokens new
+   tokens (sampled, seed per client), against each --side: a `phikit serve` started with that side's
+   flags (`p1`: --parallel 1 --no-prompt-cache, one request at a time as before batching; `pN`:
+   --parallel N). Aggregate output tokens/s, p50/p95 time to first token and inter-token latency.
+3. A 10-turn chat through /v1/chat/completions, each turn's prompt the whole history: time to first
+   token per turn with the prompt cache (the pN side) and without it (p1).
+4. Agreement (`--agreement`, in-process): greedy replies of --agree-prompts prompts run alone on the
+   backend's own loop, then all at once through the scheduler, then again (prompt-cache hits): how many
+   replies are identical, and the tokens before the first divergence where not.
 
 One JSON row per measurement on stdout (and appended to --out as JSON lines).
 
-    python benchmarks/speed/serve.py [--reps 3] [--max-tokens 48] [--clients 1 4 16] [--client-tokens 24] [--out benchmarks/results/serve.jsonl]
+    python benchmarks/speed/serve.py [--sides p1 p4] [--clients 1 4] [--prompt-tokens 128] [--client-tokens 256]
+        [--chat-turns 10] [--agreement] [--model M --backend B --device D --quant Q] [--out benchmarks/results/serve.jsonl]
 """
 
 from __future__ import annotations
@@ -24,7 +32,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -80,40 +87,104 @@ def median(rows: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in rows), 4)
 
 
-def concurrent(url: str, name: str, clients: int, n: int) -> dict:
-    rows: list[dict] = [None] * clients  # type: ignore[list-item]
+def prompt_of(i: int, tokens: int) -> str:
+    """A distinct user prompt of about `tokens` tokens (English words are ~1.3 tokens each)."""
+    words = ("the lighthouse keeper found a bottle on the rocks and read the message inside it twice before "
+             "deciding what to do next while the storm kept rising over the dark water").split()
+    body = " ".join(words[(i + k) % len(words)] for k in range(int(tokens / 1.3)))
+    return f"Client {i}. Continue this story: {body}"
 
-    def one(i: int) -> None:
-        # distinct prompts and seeds so no two clients could share an answer
-        msgs = [{"role": "user", "content": f"Story {i}: {MESSAGES[0]['content']}"}]
-        rows[i] = over_http(url, name, n, msgs, seed=i)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return 0.0
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+async def _sdk_stream(client, name: str, messages: list[dict], n: int, seed: int | None) -> dict:
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    stamps, tokens = [], 0
+    stream = await client.chat.completions.create(model=name, messages=messages, max_tokens=n, stream=True,
+                                                  temperature=0 if seed is None else 0.8, seed=seed,
+                                                  stream_options={"include_usage": True})
+    text = ""
+    async for ev in stream:
+        if ev.usage:
+            tokens = ev.usage.completion_tokens
+        if ev.choices and ev.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+            text += ev.choices[0].delta.content
+    return {"t0": t0, "stamps": stamps, "tokens": tokens, "text": text}
+
+
+def concurrent(url: str, name: str, clients: int, n: int, prompt_tokens: int) -> dict:
+    """`clients` openai-SDK streams at once; aggregate tokens/s, p50/p95 TTFT and inter-token latency."""
+    import asyncio
+
+    import openai
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600) as client:
+            return await asyncio.gather(*(_sdk_stream(client, name, [{"role": "user", "content": prompt_of(i, prompt_tokens)}], n, i)
+                                          for i in range(clients)))
+
+    t0 = time.perf_counter()
+    rows = asyncio.run(run())
     wall = time.perf_counter() - t0
     total = sum(r["tokens"] for r in rows)
-    ttfts = sorted(r["ttft_s"] for r in rows)
+    ttft = [r["stamps"][0] - r["t0"] for r in rows if r["stamps"]]
+    itl = [b - a for r in rows for a, b in zip(r["stamps"], r["stamps"][1:])]
     return {"clients": clients, "output_tokens": total, "wall_s": round(wall, 3),
             "aggregate_tokens_per_s": round(total / wall, 2),
-            "ttft_median_s": round(statistics.median(ttfts), 3), "ttft_max_s": round(ttfts[-1], 3)}
+            "ttft_p50_s": round(percentile(ttft, 0.5), 4), "ttft_p95_s": round(percentile(ttft, 0.95), 4),
+            "itl_p50_s": round(percentile(itl, 0.5), 4), "itl_p95_s": round(percentile(itl, 0.95), 4)}
+
+
+def chat_turns(url: str, name: str, turns: int, n: int) -> list[float]:
+    """Time to first token of each turn of one chat whose history grows (greedy, n tokens a reply)."""
+    import asyncio
+
+    import openai
+
+    async def run():
+        history, out = [{"role": "system", "content": "You are a helpful assistant who answers in detail."}], []
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
+            for t in range(turns):
+                history.append({"role": "user", "content": f"Question {t + 1}: {prompt_of(t, 40)} What happens next?"})
+                r = await _sdk_stream(client, name, history, n, None)
+                out.append(r["stamps"][0] - r["t0"] if r["stamps"] else float("nan"))
+                history.append({"role": "assistant", "content": r["text"]})
+        return out
+
+    return asyncio.run(run())
+
+
+SIDES = {"p1": ["--parallel", "1", "--no-prompt-cache"]}  # pN: --parallel N (prompt cache on)
+
+
+def side_flags(side: str) -> list[str]:
+    if side in SIDES:
+        return SIDES[side]
+    if side.startswith("p") and side[1:].isdigit():
+        return ["--parallel", side[1:]]
+    raise SystemExit(f"unknown side {side!r}: p1 (one at a time) or pN (--parallel N)")
 
 
 SERVER: list[subprocess.Popen] = []
 
 
-def start_server(port: int) -> str:
-    """`phikit serve` on the embedded model in a subprocess; returns its URL once /health answers."""
+def start_server(port: int, flags: list[str], model_args: list[str]) -> str:
+    """`phikit serve` in a subprocess with `flags`; returns its URL once /health answers."""
     import httpx
 
-    SERVER.append(subprocess.Popen([sys.executable, "-m", "phikit.cli.main", "serve", "--port", str(port), "--n-ctx", "2048",
-                                    "--log-level", "warning"]))
+    SERVER.append(subprocess.Popen([sys.executable, "-m", "phikit.cli.main", "serve", "--port", str(port), *model_args,
+                                    "--log-level", "warning", "--max-tokens-limit", "8192", *flags]))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
+        if SERVER[-1].poll() is not None:
+            raise SystemExit("the server exited")
         try:
             if httpx.get(url + "/health").status_code == 200:
                 return url
@@ -122,38 +193,117 @@ def start_server(port: int) -> str:
     raise SystemExit("the server did not start")
 
 
+def stop_server() -> None:
+    p = SERVER.pop()
+    p.terminate()
+    p.wait(timeout=60)
+
+
+def agreement(model, prompts: list[str], n: int) -> list[dict]:
+    """Greedy replies alone (the backend's own loop), then all together through the scheduler, then again
+    (prompt-cache hits): identical replies, and the common prefix in tokens where they differ."""
+    from phikit.engine.types import SamplingParams
+
+    be = model.backend
+    params = SamplingParams(max_tokens=n, temperature=0)
+
+    def ids(reply_text: str) -> list[int]:
+        return be.encode(reply_text) if reply_text else []
+
+    alone = [model.generate(p, params).text for p in prompts]
+    be.enable_batching(max(2, len(prompts)), prompt_cache=True)
+    try:
+        together = [r.text for r in model.generate_batch(prompts, params)]
+        cached = [r.text for r in model.generate_batch(prompts, params)]
+        hits = be.scheduler.stats()["cache_hit_tokens"]
+    finally:
+        be.close()
+    rows = []
+    for what, texts in (("batched_vs_alone", together), ("cached_vs_alone", cached), ("cached_vs_batched", None)):
+        a, b = (alone, texts) if texts is not None else (together, cached)
+        same = sum(x == y for x, y in zip(a, b))
+        prefix = []
+        for x, y in zip(a, b):
+            if x != y:
+                xa, ya = ids(x), ids(y)
+                k = next((j for j, (u, v) in enumerate(zip(xa, ya)) if u != v), min(len(xa), len(ya)))
+                prefix.append(k)
+        rows.append({"measure": "agreement", "compare": what, "prompts": len(prompts), "identical": same,
+                     "tokens_before_divergence_median": statistics.median(prefix) if prefix else None,
+                     "max_tokens": n, "cache_hit_tokens": hits})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--client-tokens", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=48, help="tokens of the overhead measure (0: skip it)")
+    ap.add_argument("--sides", nargs="+", default=["p1", "p4"], help="p1 (one at a time, no prompt cache) and pN (--parallel N)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--client-tokens", type=int, default=256)
+    ap.add_argument("--chat-turns", type=int, default=10, help="turns of the growing chat (0: skip it)")
+    ap.add_argument("--chat-tokens", type=int, default=48)
+    ap.add_argument("--agreement", action="store_true", help="also measure batched/cached vs alone replies in-process")
+    ap.add_argument("--agree-prompts", type=int, default=16)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--quant", default=None)
+    ap.add_argument("--n-ctx", type=int, default=2048)
     add_out(ap)
     args = ap.parse_args()
 
     import phikit
     from phikit.serve.thread import free_port
 
-    model = phikit.load(n_ctx=2048)
+    load = {k: v for k, v in dict(backend=args.backend, device=args.device, quant=args.quant).items() if v}
+    model_args = [*([args.model] if args.model else []), "--n-ctx", str(args.n_ctx),
+                  *[x for k, v in load.items() for x in (f"--{k}", v)]]
+    model = phikit.load(args.model, n_ctx=args.n_ctx, **load)
     env = {"model": model.name, "backend": model.backend.name, "cpus": os.cpu_count(), "python": platform.python_version(),
-           "load_avg_at_start": os.getloadavg()[0]}
-    url = start_server(free_port())
+           "device": str(model.info().get("device")), "quant": model.info().get("quant"), "load_avg_at_start": os.getloadavg()[0]}
     try:
-        over_http(url, model.name, 4)  # warm both paths once
-        in_process(model, 4)
-        local, http = [], []
-        for _ in range(args.reps):  # interleaved: the server is idle while the in-process run goes
-            local.append(in_process(model, args.max_tokens))
-            http.append(over_http(url, model.name, args.max_tokens))
-        for path, rows in (("in-process", local), ("http", http)):
-            emit({"measure": "overhead", "path": path, "max_tokens": args.max_tokens, "reps": args.reps,
-                  "ttft_s": median(rows, "ttft_s"), "tokens_per_s": round(median(rows, "tokens_per_s"), 2),
-                  "tokens": median(rows, "tokens"), **env}, args.out)
-        for k in args.clients:
-            emit({"measure": "concurrency", "max_tokens": args.client_tokens, **concurrent(url, model.name, k, args.client_tokens), **env}, args.out)
-    finally:
-        SERVER[0].terminate()
-        SERVER[0].wait(timeout=30)
+        import torch
+
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    if args.agreement:
+        prompts = [prompt_of(i, 32) for i in range(args.agree_prompts)]
+        for row in agreement(model, prompts, 48):
+            emit({**row, **env}, args.out)
+    if args.max_tokens:
+        url = start_server(free_port(), SIDES["p1"], model_args)
+        try:
+            over_http(url, model.name, 4)  # warm both paths once
+            in_process(model, 4)
+            local, http = [], []
+            for _ in range(args.reps):  # interleaved: the server is idle while the in-process run goes
+                local.append(in_process(model, args.max_tokens))
+                http.append(over_http(url, model.name, args.max_tokens))
+            for path, rows in (("in-process", local), ("http", http)):
+                emit({"measure": "overhead", "path": path, "max_tokens": args.max_tokens, "reps": args.reps,
+                      "ttft_s": median(rows, "ttft_s"), "tokens_per_s": round(median(rows, "tokens_per_s"), 2),
+                      "tokens": median(rows, "tokens"), **env}, args.out)
+        finally:
+            stop_server()
+    del model
+    for side in args.sides:
+        url = start_server(free_port(), side_flags(side), model_args)
+        try:
+            concurrent(url, env["model"], 1, 8, 16)  # warm-up
+            for k in args.clients:
+                emit({"measure": "concurrency", "side": side, "prompt_tokens": args.prompt_tokens, "max_tokens": args.client_tokens,
+                      **concurrent(url, env["model"], k, args.client_tokens, args.prompt_tokens), **env}, args.out)
+            if args.chat_turns:
+                ttft = chat_turns(url, env["model"], args.chat_turns, args.chat_tokens)
+                emit({"measure": "chat_turns", "side": side, "turns": args.chat_turns, "ttft_s": [round(x, 4) for x in ttft],
+                      "turn1_ttft_s": round(ttft[0], 4), "last_turn_ttft_s": round(ttft[-1], 4),
+                      "last_over_first": round(ttft[-1] / ttft[0], 2), **env}, args.out)
+        finally:
+            stop_server()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ class DataError(PhikitError):
     status = 400
 
 
+class BusyError(PhikitError):
+    """The server is at its capacity for now (its KV cache is full); the same request can be sent again."""
+
+    status = 503
+
+
 class MissingDependencyError(PhikitError):
     """An optional dependency is not installed; the message carries the pip command."""
 

@@ -43,12 +43,21 @@ def test_batch_matches_one_by_one(tiny):
 
 
 def test_batch_token_ids_match_the_stream_loop(tiny):
+    """The scheduler's token ids, all prompts submitted at once, are the plain loop's (no stop ids: 10 each)."""
+    from phikit.engine.scheduler import Scheduler
+    from phikit.engine.backends.hf import HFBatch
+
     be = tiny.backend
     params = SamplingParams(max_tokens=10, temperature=0.0)
     prompts = [be.encode(be.render([{"role": "user", "content": p}])) for p in PROMPTS]
-    out_ids, *_ = be._generate_batch(prompts, params, [10] * len(prompts))
-    assert out_ids == [list(be._generate(ids, params, 10))[: len(row)] for ids, row in zip(prompts, out_ids)]
-    assert any(len(row) == 10 for row in out_ids)
+    sch = Scheduler(HFBatch(be, 4096), parallel=len(prompts))
+    try:
+        streams = [sch.submit(ids, params, 10, set()) for ids in prompts]
+        out_ids = [list(s) for s in streams]
+    finally:
+        sch.close()
+    assert out_ids == [list(be._generate(ids, params, 10)) for ids in prompts]
+    assert sch.steps < 10 * len(prompts)  # they ran together
 
 
 def test_batch_stop_strings_cut_like_the_stream(tiny):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -69,6 +70,16 @@ def add_arguments(p) -> None:
     g.add_argument("--rag-store", default=None, metavar="DIR",
                    help="a store built with `phikit rag index` (folder or qdrant:// URL): enables POST /v1/rag/query and the page's RAG toggle")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    b = p.add_argument_group("many clients at once (continuous batching)")
+    b.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="requests generating together, per model; more wait in order (default: from the device, printed at "
+                        "start; 1 is one request at a time, as before batching)")
+    b.add_argument("--kv-tokens", type=int, default=None, metavar="N",
+                   help="KV cache size in tokens, per model, shared by its running requests and cached prompts; fixed at "
+                        "start (default: the model's context on llama.cpp, context x --parallel on transformers)")
+    b.add_argument("--prompt-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV of an earlier prompt that a new prompt begins with (earlier turns of a chat, a shared "
+                        "system prompt); default: on when --parallel is above 1")
     m = p.add_argument_group("several models (requests name theirs; others than --model load on first use)")
     m.add_argument("--max-loaded", type=int, default=None, metavar="N",
                    help="models held loaded at once; loading one more first unloads the least recently used idle one "
@@ -87,6 +98,18 @@ def add_arguments(p) -> None:
     lim.add_argument("--max-tools", type=int, default=64)
     lim.add_argument("--max-messages", type=int, default=512)
     lim.add_argument("--max-inputs", type=int, default=256, help="most embedding inputs per request")
+
+
+def auto_parallel(model) -> int:
+    """--parallel's default: 4 on the CPU (llama.cpp's server runs 4 slots by default); 1 on CUDA, whose batch-1
+    fast path (static cache, CUDA graphs) is faster for one stream than the eager batched step; 1 for a remote backend,
+    which batches on its own server."""
+    be = model.backend
+    if be.name == "openai":
+        return 1
+    if be.name == "transformers" and str(getattr(be, "device", "cpu")).startswith("cuda"):
+        return 1
+    return 4
 
 
 def run(args) -> int:
@@ -123,11 +146,18 @@ def run(args) -> int:
         from ..serve.pool import parse_keep_alive
 
         several["keep_alive"] = parse_keep_alive(args.keep_alive, "--keep-alive")
+    if args.parallel is not None and args.parallel < 1:
+        raise PhikitError("--parallel must be at least 1")
+    if args.kv_tokens is not None and args.kv_tokens < 64:
+        raise PhikitError("--kv-tokens must be at least 64")
     config = ServeConfig(api_key=args.api_key, cors_origins=list(args.cors_origin), aliases=list(args.alias),
                          embed_aliases=list(args.embed_alias),
                          rag_store=args.rag_store, limits=limits, load_options=load_options, start_load=start_load,
                          max_memory=parse_size(args.max_memory) if args.max_memory else None, **several)
     model = load_from_args(args)
+    config.parallel = args.parallel or auto_parallel(model)
+    config.prompt_cache = args.prompt_cache if args.prompt_cache is not None else config.parallel > 1
+    config.kv_tokens = args.kv_tokens
     print(f"phikit: serving {model.name} ({model.backend.name}) on http://{args.host}:{args.port}  "
           f"(OpenAI: /v1, Ollama: /api, chat page: /ui)", file=sys.stderr)
     serve(model, config, host=args.host, port=args.port, log_level=args.log_level)

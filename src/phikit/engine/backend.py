@@ -82,6 +82,47 @@ class LocalBackend(Backend):
         With `params.logprobs` set (only on a backend whose `logprobs_supported`), yield each as a
         `Logprob` instead (see `_logprob`), of the model's raw distribution at that step."""
 
+    # Set by `enable_batching`: every generation then runs on its engine thread, batched with the others.
+    scheduler = None
+
+    def batch_model(self, parallel: int, kv_tokens: int | None):
+        """This backend's BatchModel (engine/scheduler.py), or None where it runs one sequence at a time."""
+        return None
+
+    def enable_batching(self, parallel: int, kv_tokens: int | None = None, prompt_cache: bool = True) -> dict:
+        """Run every generation of this backend through a Scheduler: up to `parallel` sequences step together
+        (where the backend batches; else one at a time, still on one engine thread, so callers on several
+        threads are safe), in a KV cache of `kv_tokens` (default: the backend's), with prompt caching.
+        Returns the scheduler's stats (what a server prints at start)."""
+        from .scheduler import Scheduler, SerialBatch
+
+        if self.scheduler is not None:
+            self.scheduler.close()
+        bm = self.batch_model(parallel, kv_tokens)
+        if bm is None:
+            bm, parallel = SerialBatch(self), 1
+        self.scheduler = Scheduler(bm, parallel, prompt_cache, self.model_name)
+        self.max_batch = parallel
+        return self.scheduler.stats()
+
+    def close(self) -> None:
+        """Stop the engine thread, if any (unloading a model)."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+            close = getattr(self.scheduler.model, "close", None)
+            self.scheduler = None
+            if close is not None:
+                close()
+
+    def generate_batch(self, message_lists: list[list[Message]], params: SamplingParams) -> list[Result]:
+        """With a scheduler, every chat is a stream of its own, read on its own thread: they run together."""
+        if self.scheduler is None or len(message_lists) < 2:
+            return super().generate_batch(message_lists, params)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(len(message_lists), 2 * self.scheduler.parallel), thread_name_prefix="phikit-batch") as pool:
+            return list(pool.map(lambda m: join(self.stream(m, params), self.model_name), message_lists))
+
     # Whether `_generate` honours params.logprobs and `prompt_logprobs` works.
     logprobs_supported: bool = False
     # Token ids run 0 .. vocab_size - 1; None: not known, ids are not checked.
@@ -156,9 +197,16 @@ class LocalBackend(Backend):
         stats = Stats(prompt_tokens=len(ids))
         finish, hit = "length", False
         t_first = t_last = None
+        sch = self.scheduler
         if params.prompt_logprobs is not None:
-            yield Chunk(prompt_logprobs=self.prompt_logprobs(ids, params.prompt_logprobs))
-        gen = self._generate(ids, params, max_new) if max_new > 0 else _no_tokens()
+            k = params.prompt_logprobs
+            yield Chunk(prompt_logprobs=sch.call(self.prompt_logprobs, ids, k) if sch else self.prompt_logprobs(ids, k))
+        if max_new <= 0:
+            gen = _no_tokens()
+        elif sch is not None:
+            gen = sch.submit(ids, params, max_new, stops)
+        else:
+            gen = self._generate(ids, params, max_new)
         try:
             for tok in gen:
                 t_last = time.perf_counter()

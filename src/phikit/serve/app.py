@@ -138,11 +138,12 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.name, "queue": state.worker.waiting, "active": state.worker.active}
+        return {"status": "ok", "model": state.name, "queue": state.worker.waiting, "active": state.worker.active,
+                "parallel": state.worker.slots, **state.engine_stats()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        text = state.metrics.render(state.worker.waiting, state.worker.active, state.pool)
+        text = state.metrics.render(state.worker.waiting, state.worker.active, state.pool, state.engine_stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/info")

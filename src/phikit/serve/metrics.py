@@ -11,6 +11,20 @@ from collections import Counter
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+# The engine threads' figures (engine/scheduler.py Scheduler.stats, summed over the loaded models).
+ENGINE = (
+    ("running", "gauge", "Sequences in the running batch."),
+    ("waiting", "gauge", "Sequences waiting for a place in the batch."),
+    ("batch_size", "gauge", "Sequences in the last step's batch."),
+    ("kv_used_tokens", "gauge", "KV cache cells held by running sequences."),
+    ("kv_cached_tokens", "gauge", "KV cache cells held by cached prompt prefixes."),
+    ("kv_capacity_tokens", "gauge", "KV cache cells, fixed at start."),
+    ("prompt_tokens", "counter", "Prompt tokens of the requests the engine admitted."),
+    ("cache_hit_tokens", "counter", "Prompt tokens read from the prompt cache instead of evaluated."),
+    ("preemptions", "counter", "Sequences put back in the queue to make room in the KV cache."),
+)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, int]] = Counter()  # (route, status) -> count
@@ -32,7 +46,7 @@ class Metrics:
             if ttft_s <= le:
                 self.ttft_buckets[i] += 1
 
-    def render(self, queue_length: int, active: int, pool=None) -> str:
+    def render(self, queue_length: int, active: int, pool=None, engine: dict | None = None) -> str:
         """The metrics text; `pool` (serve.pool.Pool) adds the loaded models, their bytes and the loads and unloads."""
         out = [
             "# HELP phikit_requests_total HTTP requests by route and status.",
@@ -59,10 +73,14 @@ class Metrics:
             "# HELP phikit_queue_length Requests waiting for the generation slot.",
             "# TYPE phikit_queue_length gauge",
             f"phikit_queue_length {queue_length}",
-            "# HELP phikit_generation_active Requests generating now (0 or 1).",
+            "# HELP phikit_generation_active Requests holding a generation slot now (at most --parallel).",
             "# TYPE phikit_generation_active gauge",
             f"phikit_generation_active {active}",
         ]
+        for key, kind, text in ENGINE:
+            if engine and key in engine:
+                name = f"phikit_engine_{key}" + ("_total" if kind == "counter" else "")
+                out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {engine[key]}"]
         if pool is not None:
             out += [
                 "# HELP phikit_model_loaded_bytes Memory of each loaded model, by the name that last used it.",

@@ -166,13 +166,42 @@ async def _framed(events: AsyncIterator[str], head: dict, usage: Usage, include_
 
 async def _run_all(lease: Lease, first: Iterator[Chunk], makers: list[Callable[[], Iterator[Chunk]]],
                    watch: bool = False) -> AsyncIterator[tuple[int, Chunk]]:
-    """(choice index, chunk) over every stream in turn, on the one lease; `watch`: see Lease.chunks."""
-    gen = first
-    for i, make in enumerate(makers):
-        if i:
-            gen = await lease.start(make)
-        async for c in lease.chunks(gen, watch):
-            yield i, c
+    """(choice index, chunk) over every stream, on the one lease; `watch`: see Lease.chunks. One slot: the
+    streams in turn. Several (the model batches): all started at once, so `n` choices generate together,
+    and their chunks come as they are made."""
+    if lease.worker.slots == 1 or len(makers) == 1:
+        gen = first
+        for i, make in enumerate(makers):
+            if i:
+                gen = await lease.start(make)
+            async for c in lease.chunks(gen, watch):
+                yield i, c
+        return
+    out: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, make) -> None:
+        try:
+            gen = first if i == 0 else await lease.start(make)
+            async for c in lease.chunks(gen, watch):
+                await out.put((i, c))
+            await out.put((i, None))
+        except BaseException as e:  # handed to the reader, which raises it
+            await out.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, make)) for i, make in enumerate(makers)]
+    try:
+        left = len(tasks)
+        while left:
+            i, c = await out.get()
+            if c is None:
+                left -= 1
+            elif isinstance(c, BaseException):
+                raise c
+            else:
+                yield i, c
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _generate(request: Request, makers: list) -> tuple[Lease, Iterator[Chunk]]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -82,6 +82,12 @@ class ServeConfig:
     load_options: dict[str, Any] | None = None  # phikit.load keywords for models loaded on demand (quant, device, n_ctx...)
     start_load: dict[str, Any] | None = None  # phikit.load keywords that load the start model again; None: read from it
     models_dir: str | None = None  # the manifests of /api/create's models; None: $PHIKIT_HOME/serve/models
+    # Continuous batching (engine/scheduler.py): requests generating together per model, and each model's KV
+    # cache in tokens (None: the backend's default); the prompt cache reuses the KV of earlier prompts' prefixes.
+    # parallel 1 without the prompt cache is one request at a time on one thread, with no engine thread.
+    parallel: int = 1
+    kv_tokens: int | None = None
+    prompt_cache: bool = False
 
 
 def _adapter_path(adapter: str | None) -> str | None:
@@ -128,7 +134,8 @@ class ServerState:
     def __init__(self, model, config: ServeConfig) -> None:
         self.config = config
         self.limits = config.limits
-        self.worker = Worker()
+        self.batching = config.parallel > 1 or config.prompt_cache
+        self.worker = Worker(config.parallel if self.batching else 1)
         self.metrics = Metrics()
         self.embedder = Embedder(device="cpu", load=False)  # MiniLM, loaded on the first embedding request
         self.rag = None
@@ -146,6 +153,7 @@ class ServerState:
         # The start model: loaded now and kept loaded (keep_alive does not apply to it), unless the budget needs its
         # room or a request asks for its unload (keep_alive 0 with nothing to generate); then loaded again on its next
         # use. Pinned where something else holds it too (the RAG store's answers) or unloading frees nothing (a remote).
+        self.batched(model)
         self.start = ModelDef(model.name, model.spec.source, _adapter_path(model.adapter), origin="start",
                               modified_at=self.started)
         self.start_spec = model.spec  # plain data: holding it keeps no weights alive
@@ -247,13 +255,35 @@ class ServerState:
         opts = {**self.load_options, "adapter": d.adapter}
         if d.num_ctx:
             opts["n_ctx"] = d.num_ctx
-        return key, partial(phikit.load, d.source, **opts), estimate
+        return key, lambda: self.batched(phikit.load(d.source, **opts)), estimate
 
     def _load_start(self):
         import phikit
 
         opts = dict(self._start_load)
-        return phikit.load(opts.pop("model", None), **opts)
+        return self.batched(phikit.load(opts.pop("model", None), **opts))
+
+    def batched(self, model):
+        """`model` with its generations on an engine thread that batches them, when this server batches."""
+        from ..engine.backend import LocalBackend
+
+        be = model.backend
+        if self.batching and isinstance(be, LocalBackend) and be.scheduler is None:
+            st = be.enable_batching(self.config.parallel, self.config.kv_tokens, self.config.prompt_cache)
+            print(f"phikit: {model.name}: {st['parallel']} request(s) generating together, KV cache of "
+                  f"{st['kv_capacity_tokens'] if st['kv_capacity_tokens'] < 1 << 40 else 'unbounded'} tokens, prompt cache "
+                  f"{'on' if self.config.prompt_cache else 'off'}", file=sys.stderr)
+        return model
+
+    def engine_stats(self) -> dict:
+        """The loaded models' schedulers, summed: running, waiting, batch size, KV in use, cache hits."""
+        out: dict[str, int] = {}
+        for slot in self.pool.loaded():
+            sch = getattr(slot.model.backend, "scheduler", None)
+            if sch is not None:
+                for k, v in sch.stats().items():
+                    out[k] = out.get(k, 0) + v
+        return out
 
     async def forget(self, name: str) -> None:
         """A deleted model's name leaves the loaded models (/api/ps names a slot by its last request's model):

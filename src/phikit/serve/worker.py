@@ -1,20 +1,26 @@
-"""The one generation slot of a server: requests queue, then run one at a time.
+"""The generation slots of a server: requests queue FIFO for one of `slots` places.
 
-The model is not thread-safe, so every call into it (rendering, tokenising,
-each step of a stream, closing a stream) runs on one dedicated thread. The
-event loop pulls a stream chunk by chunk from that thread (`next` on the
-generator), which gives back-pressure for free and lets a request stop its
-generation between two tokens: closing the Chunk generator is all it takes.
+With one slot (`--parallel 1`) every call into the model (rendering, tokenising,
+each step of a stream, closing a stream) runs on one dedicated thread: the model
+is not thread-safe. The event loop pulls a stream chunk by chunk from that thread
+(`next` on the generator), which gives back-pressure for free and lets a request
+stop its generation between two tokens: closing the Chunk generator is all it
+takes. The executor is FIFO, so the close of one stream runs before the first
+step of the next one.
 
-A request first waits for the slot (an asyncio.Lock, FIFO), then holds it
-while its stream runs, and gives it back when the stream ends, fails or its
-client goes away. The executor is single-threaded and FIFO too, so the close
-of one stream always runs before the first step of the next one.
+With several slots the models run on their own engine threads (engine/scheduler.py,
+which batches the sequences of every request in a slot); a stream's `next` only
+waits there for its next token, so each slot gets a thread of its own here, and a
+stream's steps and its close are kept in order by a lock of its Lease.
+
+A request first waits for a slot (an asyncio.Semaphore, FIFO), holds it while its
+stream runs, and gives it back when the stream ends, fails or its client goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
@@ -28,13 +34,15 @@ class ClientGone(Exception):
 
 
 class Worker:
-    """A FIFO queue in front of a single generation thread."""
+    """A FIFO queue in front of `slots` generation places."""
 
-    def __init__(self) -> None:
-        self._lock = asyncio.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="phikit-gen")
-        self.waiting = 0  # requests queued for the slot (the /metrics queue length)
-        self.active = 0  # 0 or 1: a request holds the slot
+    def __init__(self, slots: int = 1) -> None:
+        self.slots = slots
+        self._sem = asyncio.Semaphore(slots)
+        # One slot: the one thread every model call runs on. Several: a thread per slot, per close in flight, and for the rest.
+        self._pool = ThreadPoolExecutor(1 if slots == 1 else 2 * slots + 1, thread_name_prefix="phikit-gen")
+        self.waiting = 0  # requests queued for a slot (the /metrics queue length)
+        self.active = 0  # requests holding a slot
 
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Run a blocking model call on the generation thread."""
@@ -43,7 +51,7 @@ class Worker:
     async def acquire(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> "Lease":
         """Wait for the slot and return its Lease; raise ClientGone if `is_disconnected()` turns true meanwhile."""
         self.waiting += 1
-        got = asyncio.ensure_future(self._lock.acquire())
+        got = asyncio.ensure_future(self._sem.acquire())
         try:
             while not got.done():
                 await asyncio.wait({got}, timeout=0.25)
@@ -52,16 +60,16 @@ class Worker:
         except BaseException:
             got.cancel()
             if got.done() and not got.cancelled() and got.exception() is None:
-                self._lock.release()  # granted just as we gave up: hand it straight on
+                self._sem.release()  # granted just as we gave up: hand it straight on
             raise
         finally:
             self.waiting -= 1
-        self.active = 1
+        self.active += 1
         return Lease(self, is_disconnected)
 
     def _release(self) -> None:
-        self.active = 0
-        self._lock.release()
+        self.active -= 1
+        self._sem.release()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -80,6 +88,7 @@ class Lease:
         self.is_disconnected = is_disconnected
         self._gen: Iterator[Chunk] | None = None
         self._open = True
+        self._steps = threading.Lock()  # a stream's next and its close never overlap (several threads)
 
     async def start(self, make: Callable[[], Iterator[Chunk]]) -> Iterator[Chunk]:
         """Create a stream on the generation thread; errors (an over-long prompt...) raise here."""
@@ -98,7 +107,7 @@ class Lease:
         next_check = loop.time() + 0.25
         try:
             while True:
-                chunk = await self.worker.call(next, gen, None)
+                chunk = await self.worker.call(self._next, gen)
                 if chunk is None:
                     return
                 yield chunk
@@ -109,12 +118,20 @@ class Lease:
         finally:
             self._close_gen(gen)
 
+    def _next(self, gen: Iterator[Chunk]) -> Chunk | None:
+        with self._steps:
+            return next(gen, None)
+
     def _close_gen(self, gen: Iterator[Chunk]) -> None:
-        # Queued behind any step still running on the generation thread, so it
-        # never overlaps one; not awaited, so a cancelled request cannot skip it.
+        # After any step of this stream still running, so it never overlaps one;
+        # not awaited, so a cancelled request cannot skip it.
         close = getattr(gen, "close", None)
         if close is not None:
-            asyncio.get_running_loop().run_in_executor(self.worker._pool, close)
+            def run():
+                with self._steps:
+                    close()
+
+            asyncio.get_running_loop().run_in_executor(self.worker._pool, run)
 
     def close(self) -> None:
         if not self._open:

@@ -11,13 +11,13 @@ this loop (the CUDA fast path does not compute them).
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 from ...formats import ChatFormat, Message
-from ..backend import IncrementalDetokenizer, LocalBackend, StopStrings
+from ..backend import LocalBackend
 from ..sampling import sample
-from ..types import Logprob, Result, SamplingParams, Stats, result_of
+from ..scheduler import BatchModel, common_prefix
+from ..types import Logprob, Result, SamplingParams
 
 PROMPT_LOGITS_SLICE = 256  # prompt tokens run through the model at once when their logprobs are asked
 
@@ -142,85 +142,22 @@ class HFBackend(LocalBackend):
                 yield tok if want is None else self._logprob_of(raw, tok, want)
                 ids = torch.tensor([[tok]], device=self.device)
 
+    def batch_model(self, parallel: int, kv_tokens: int | None):
+        return HFBatch(self, kv_tokens or self.context_length * parallel)
+
     def generate_batch(self, message_lists: list[list[Message]], params: SamplingParams) -> list[Result]:
-        """Several chats in one forward pass per step: left-padded, with an attention mask and
-        position ids, so each row computes what it would alone (up to float rounding).
-
-        Own loop for the reason the stream has one (stop ids, stop strings and timings the
-        same way for every backend); constrained JSON keeps the one-by-one path, since its
-        mask is per sequence.
-        """
-        params.validate()
-        if len(message_lists) < 2 or params.json_schema is not None:
+        """Several chats together: through this backend's scheduler if it has one, else through one made for
+        the call (up to `max_batch` at a time, no prompt cache), so evaluation batches as serving does."""
+        if self.scheduler is not None or len(message_lists) < 2:
             return super().generate_batch(message_lists, params)
-        t0 = time.perf_counter()
-        prompts = [self.encode(self.render(m)) for m in message_lists]
-        for ids in prompts:
-            self.check_fits(len(ids))
-        max_new = [min(params.max_tokens, self.context_length - len(ids)) for ids in prompts]
-        out_ids, texts, finish, t_first, t_end = self._generate_batch(prompts, params, max_new)
-        results = []
-        for i, ids in enumerate(out_ids):
-            stats = Stats(prompt_tokens=len(prompts[i]), completion_tokens=len(ids), ttft_s=t_first - t0,
-                          prompt_s=t_first - t0, decode_s=t_end[i] - t_first, total_s=t_end[i] - t0)
-            results.append(result_of(texts[i], finish[i], stats, self.model_name))
-        return results
+        from ..scheduler import Scheduler
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, max_new: list[int]):
-        """Per row: token ids (stop id left out) and text; finish reasons, time of the first step, time each row ended.
-
-        Each row's text goes through the stream's own detokeniser and stop-string guard, token by
-        token, so it is the stream's to the byte and a stop string ends the row as it ends a stream.
-        """
-        import torch
-        from transformers import DynamicCache
-
-        n, width = len(prompts), max(len(ids) for ids in prompts)
-        stops = self.stop_ids()
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stops, default=0)
-        inp = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, ids in enumerate(prompts):
-            inp[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
-        inp, mask = inp.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
-        out_ids: list[list[int]] = [[] for _ in range(n)]
-        texts = [""] * n
-        detoks = [IncrementalDetokenizer(self.decode) for _ in range(n)]
-        guards = [StopStrings(params.stop) for _ in range(n)]
-        finish, t_end, hit = ["length"] * n, [0.0] * n, [False] * n
-        live = set(range(n))
-        cache, t_first = DynamicCache(), None
-        with torch.inference_mode():
-            for _ in range(max(max_new)):
-                logits = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                    use_cache=True, logits_to_keep=1).logits[:, -1]
-                toks = logits.argmax(-1).tolist() if params.temperature == 0 else [sample(row, params, gen) for row in logits]
-                now = time.perf_counter()
-                t_first = t_first or now
-                for i in list(live):
-                    if toks[i] in stops:
-                        finish[i] = "stop"
-                    else:
-                        out_ids[i].append(toks[i])
-                        piece, hit[i] = guards[i].feed(detoks[i].add(toks[i]))
-                        texts[i] += piece
-                        if hit[i]:
-                            finish[i] = "stop"
-                    if finish[i] == "stop" or len(out_ids[i]) >= max_new[i]:
-                        live.discard(i)
-                        t_end[i] = now
-                if not live:
-                    break
-                # Finished rows keep stepping on their last token (their output is no longer read).
-                inp = torch.tensor(toks, device=self.device)[:, None]
-                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
-                pos = pos[:, -1:] + 1
-        # As in the stream: a stop string ends the text at its start; otherwise what the guard held back was not one.
-        texts = [t if h else t + g.flush() for t, h, g in zip(texts, hit, guards)]
-        return out_ids, texts, finish, t_first, t_end
+        self.scheduler = Scheduler(HFBatch(self, self.context_length * self.max_batch), self.max_batch, prompt_cache=False,
+                                   name=self.model_name)
+        try:
+            return super().generate_batch(message_lists, params)
+        finally:
+            self.close()
 
     def info(self) -> dict:
         m = self.model
@@ -255,3 +192,153 @@ def _byte_level_decoder() -> dict[str, int]:
     rest = [b for b in range(256) if b not in set(printable)]
     table.update({chr(256 + n): b for n, b in enumerate(rest)})
     return table
+
+
+class HFBatch(BatchModel):
+    """Continuous batching on a transformers model: the decoding sequences share one left-padded
+    DynamicCache and step together in one forward (an attention mask hides each row's padding and
+    position ids count its own tokens, as in `generate_batch`); a new sequence reads its prompt
+    alone in slices, into a cache of its own, and joins the batch after its first token. A finished
+    sequence's row leaves (the columns no row needs any more are cut) and, with the prompt cache,
+    stays as a cached prefix that a later prompt beginning with the same tokens crops and reuses.
+
+    Eager forwards on any device: the CUDA fast path (static cache, CUDA graphs) stays batch 1.
+    """
+
+    def __init__(self, be: "HFBackend", capacity: int, step_tokens: int = 256):
+        self.be, self.capacity, self.step_tokens = be, capacity, step_tokens
+        self.rows: list = []  # the decoding Seqs, in the order of the batch cache's rows
+        self.cache = None  # their DynamicCache, left-padded to one width
+        self.mask = None  # [rows, width]: 1 where a row holds a token
+        self.entries: dict[int, tuple[list[int], object]] = {}  # cached prefixes: key -> (tokens, cache), LRU first
+        self._keys = 0
+
+    def start(self, seq, reuse: bool) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        be, p = self.be, seq.params
+        if seq.sampler is None:
+            gen = torch.Generator(device=be.device).manual_seed(p.seed) if p.seed is not None else None
+            constraint = None
+            if p.json_schema is not None:
+                from ..constrain import hf_json_mask
+
+                constraint = hf_json_mask(be.tokenizer, p.json_schema, be.stop_ids(), be.model.config.vocab_size)
+            seq.sampler = (gen, constraint)
+        want = seq.tokens
+        best, n = None, 0
+        if reuse:
+            for key, (toks, _) in self.entries.items():
+                k = common_prefix(toks, want)
+                if k > n:
+                    best, n = key, k
+            n = min(n, len(want) - 1)
+        if best is not None and n > 0:
+            _, cache = self.entries.pop(best)
+            seq.slot = DynamicCache(ddp_cache_data=[(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers])
+            seq.n_kv = seq.cached = n
+        else:
+            seq.slot = DynamicCache()
+
+    def forward(self, work):
+        import torch
+
+        be, outs = self.be, {}
+        decode = {s.id: toks for s, toks in work if s.slot is None}
+        with torch.inference_mode():
+            if self.rows:
+                ids = torch.tensor([decode[s.id] for s in self.rows], device=be.device)
+                self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+                pos = torch.tensor([[s.n_kv] for s in self.rows], device=be.device)
+                logits = be.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                                  use_cache=True, logits_to_keep=1).logits[:, -1]
+                outs.update({s.id: logits[i] for i, s in enumerate(self.rows)})
+            joining = []
+            for s, toks in work:
+                if s.slot is None:
+                    continue
+                pos = torch.arange(s.n_kv, s.n_kv + len(toks), device=be.device)[None]
+                out = be.model(input_ids=torch.tensor([toks], device=be.device), position_ids=pos, past_key_values=s.slot,
+                               use_cache=True, logits_to_keep=1).logits
+                if s.n_kv + len(toks) == len(s.tokens):
+                    outs[s.id] = out[0, -1]
+                    joining.append(s)
+            for s in joining:
+                self._join(s)
+        return outs
+
+    def _join(self, seq) -> None:
+        """Add a sequence whose prompt is read to the batch: pad it or the batch on the left to one width."""
+        import torch
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+
+        own = [(layer.keys, layer.values) for layer in seq.slot.layers]
+        n = own[0][0].shape[-2]
+        seq.slot = None
+        if not self.rows:
+            self.rows, self.cache = [seq], DynamicCache(ddp_cache_data=own)
+            self.mask = torch.ones((1, n), dtype=torch.long, device=self.be.device)
+            return
+        width = self.mask.shape[1]
+        pad_new, pad_old = max(0, width - n), max(0, n - width)
+        layers = []
+        for layer, (k, v) in zip(self.cache.layers, own):
+            ok, ov = (F.pad(layer.keys, (0, 0, pad_old, 0)), F.pad(layer.values, (0, 0, pad_old, 0))) if pad_old else (layer.keys, layer.values)
+            layers.append((torch.cat([ok, F.pad(k, (0, 0, pad_new, 0))]), torch.cat([ov, F.pad(v, (0, 0, pad_new, 0))])))
+        row = torch.cat([self.mask.new_zeros((1, pad_new)), self.mask.new_ones((1, n))], dim=1)
+        self.mask = torch.cat([F.pad(self.mask, (pad_old, 0)), row])
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.rows.append(seq)
+
+    def sample(self, seq, logits):
+        gen, constraint = seq.sampler
+        raw = logits
+        if constraint is not None:
+            logits = constraint.mask(logits)
+        tok = sample(logits, seq.params, gen)
+        if constraint is not None:
+            constraint.advance(tok)
+        k = seq.params.logprobs
+        return tok if k is None else self.be._logprob_of(raw, tok, k)
+
+    def finish(self, seq, keep: bool) -> None:
+        from transformers import DynamicCache
+
+        if seq.slot is not None:  # still reading its prompt
+            own, seq.slot = seq.slot, None
+        elif seq in self.rows:
+            i = self.rows.index(seq)
+            width = int(self.mask[i].sum())
+            own = DynamicCache(ddp_cache_data=[(layer.keys[i : i + 1, :, -width:].clone(), layer.values[i : i + 1, :, -width:].clone())
+                                               for layer in self.cache.layers]) if keep else None
+            self._remove(i)
+        else:
+            return
+        if keep and own is not None and seq.n_kv > 0 and own.get_seq_length() == seq.n_kv:
+            self._keys += 1
+            self.entries[self._keys] = (seq.tokens[: seq.n_kv], own)
+
+    def _remove(self, i: int) -> None:
+        from transformers import DynamicCache
+
+        del self.rows[i]
+        if not self.rows:
+            self.cache = self.mask = None
+            return
+        keep = [j for j in range(self.mask.shape[0]) if j != i]
+        mask = self.mask[keep]
+        cut = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row uses any more
+        self.mask = mask[:, cut:]
+        self.cache = DynamicCache(ddp_cache_data=[(layer.keys[keep][:, :, cut:], layer.values[keep][:, :, cut:])
+                                                  for layer in self.cache.layers])
+
+    def cached_tokens(self) -> int:
+        return sum(len(t) for t, _ in self.entries.values())
+
+    def evict_one(self) -> bool:
+        if not self.entries:
+            return False
+        del self.entries[next(iter(self.entries))]
+        return True

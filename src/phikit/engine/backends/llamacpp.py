@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Iterator
+import threading
+from typing import Callable, Iterator
 
-from ...errors import ModelFilesError, require
+from ...errors import ModelFilesError, PhikitError, require
 from ...formats import detect_format, get_format
 from ...models.registry import ModelSpec
 from ..backend import LocalBackend
+from ..scheduler import BatchModel, common_prefix
 from ..types import Logprob, SamplingParams
 
 PROMPT_LOGITS_SLICE = 64  # prompt tokens evaluated together when their logprobs are asked
@@ -68,6 +70,7 @@ class LlamaCppBackend(LocalBackend):
         self.vocab_size = llm.n_vocab()
         self._grammar_checker = None  # started with the first JSON schema (engine/grammar_check.py)
         self._last_grammar: tuple[str | None, object] = (None, None)  # (schema as JSON, its LlamaGrammar)
+        self._grammar_lock = threading.Lock()  # requests build grammars on their own threads when batching
 
     @classmethod
     def load(cls, spec: ModelSpec, n_ctx: int | None = None, fmt_name: str | None = None, n_threads: int | None = None):
@@ -116,8 +119,28 @@ class LlamaCppBackend(LocalBackend):
             return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.vocab_size,))
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(rows, self.vocab_size))
 
-    def prompt_logprobs(self, ids: list[int], top: int) -> list[Logprob]:
+    def batch_model(self, parallel: int, kv_tokens: int | None):
+        bm = LlamaCppBatch(self, parallel, kv_tokens or self.context_length, cache_entries=max(4, parallel))
+        # From here every evaluation runs in the batch context: free the single-sequence one's KV cache now rather
+        # than hold it unused (the Llama object still tokenises and builds samplers; its own close skips a closed
+        # context). `_single` makes it again if the scheduler is closed and this backend used without one.
+        self.llm._ctx.close()
+        return bm
+
+    def _single(self):
+        """The Llama object, its own context made again if batching freed it."""
         llm = self.llm
+        if llm._ctx.ctx is None:
+            from llama_cpp import _internals
+
+            llm._ctx = _internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)
+            llm.n_tokens = 0
+        return llm
+
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[Logprob]:
+        if self.scheduler is not None:  # on the engine thread (the stream calls this through the scheduler)
+            return self.scheduler.model.score(ids, top, self.scheduler.room)
+        llm = self._single()
         llm.reset()
         llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # a clean cache: nothing of an earlier call may leak into these
         out = [self._logprob(ids[0], None)]
@@ -151,18 +174,19 @@ class LlamaCppBackend(LocalBackend):
         if schema is None:
             return None
         key = json.dumps(schema, sort_keys=True)
-        if self._last_grammar[0] != key:
-            from ..constrain import llama_grammar
-            from ..grammar_check import GrammarChecker
+        with self._grammar_lock:
+            if self._last_grammar[0] != key:
+                from ..constrain import llama_grammar
+                from ..grammar_check import GrammarChecker
 
-            if self._grammar_checker is None:
-                self._grammar_checker = GrammarChecker(self.path)
-            self._last_grammar = (key, llama_grammar(self.llm, schema, self._grammar_checker))
-        return self._last_grammar[1]
+                if self._grammar_checker is None:
+                    self._grammar_checker = GrammarChecker(self.path)
+                self._last_grammar = (key, llama_grammar(self.llm, schema, self._grammar_checker))
+            return self._last_grammar[1]
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
         grammar = self._grammar(params.json_schema)
-        self.llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        self._single().set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         # Evaluate the whole prompt every time: reusing a cached prefix re-runs
         # its last token through the single-token kernels, whose rounding differs
         # from the batched ones, and the same seed would then give another text.
@@ -198,3 +222,150 @@ class LlamaCppBackend(LocalBackend):
             "context_length": self.context_length,
             "threads": self.llm.n_threads if hasattr(self.llm, "n_threads") else None,
         }
+
+
+class LlamaCppBatch(BatchModel):
+    """Several sequences in one llama.cpp context, as llama.cpp's own server runs its slots.
+
+    One context with a unified KV cache of `capacity` cells and a sequence id per running request
+    (and per cached prefix): each step is one `llama_decode` of a batch whose tokens carry their
+    sequence's id and position, and each sequence samples from its own row with its own sampler
+    chain (the one `Llama.generate` builds: same seed, same grammar, same tokens). A finished
+    sequence's cells stay under its id as a cached prefix; a prompt that begins with one takes
+    that id over and drops only the cells past the common part.
+    """
+
+    def __init__(self, be: "LlamaCppBackend", parallel: int, capacity: int, cache_entries: int):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self.be, self.lib = be, llama_cpp
+        llm = be.llm
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        self.n_ids = parallel + cache_entries + 1  # the last id: scratch, for prompt log-probabilities
+        params.n_ctx = capacity
+        params.n_seq_max = self.n_ids
+        params.kv_unified = True  # cells shared by every sequence: one budget, prefixes copied for free
+        params.n_batch = params.n_ubatch = self.step_tokens = max(64, min(512, capacity))
+        params.n_outputs_max = params.n_outputs_max_per_seq = self.step_tokens  # every row of a scored prompt
+        # Flash attention: with a unified cache every sequence's row would otherwise be scored against every
+        # cell in use (others' masked out); llama.cpp's CPU flash attention skips the masked cells.
+        params.flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.capacity = llama_cpp.llama_n_ctx(self.ctx.ctx)
+        self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.batch = llama_cpp.llama_batch_init(self.step_tokens, 0, 1)
+        self.free_ids = list(range(self.n_ids - 1))
+        self.entries: dict[int, list[int]] = {}  # cached prefixes: sequence id -> its tokens, least recently used first
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.lib.llama_batch_free(self.batch)
+            self.batch = None
+        self.ctx.close()
+
+    def _drop(self, sid: int) -> None:
+        self.lib.llama_memory_seq_rm(self.mem, sid, 0, -1)
+
+    def start(self, seq, reuse: bool) -> None:
+        if seq.sampler is None:
+            p = seq.params
+            grammar = self.be._grammar(p.json_schema)
+            self.be.llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
+            seq.sampler = self.be.llm._init_sampler(temp=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=0.0,
+                                                    repeat_penalty=1.0, grammar=grammar)
+        want = seq.tokens
+        best, n = None, 0
+        if reuse and seq.params.prompt_logprobs is None:
+            for sid, toks in self.entries.items():
+                k = common_prefix(toks, want)
+                if k > n:
+                    best, n = sid, k
+            n = min(n, len(want) - 1)  # at least one token to read: its logits are the next sample's
+        if best is not None and n > 0:
+            del self.entries[best]
+            self.lib.llama_memory_seq_rm(self.mem, best, n, -1)
+            seq.slot, seq.n_kv, seq.cached = best, n, n
+            return
+        if not self.free_ids:
+            sid = next(iter(self.entries))  # the least recently used prefix gives its id up
+            del self.entries[sid]
+            self._drop(sid)
+            self.free_ids.append(sid)
+        seq.slot = self.free_ids.pop()
+
+    def forward(self, work):
+        b, n, rows = self.batch, 0, {}
+        for seq, toks in work:
+            end = seq.n_kv + len(toks) == len(seq.tokens)
+            for j, t in enumerate(toks):
+                b.token[n] = t
+                b.pos[n] = seq.n_kv + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq.slot
+                b.logits[n] = end and j == len(toks) - 1
+                if b.logits[n]:
+                    rows[seq.id] = n
+                n += 1
+        b.n_tokens = n
+        rc = self.lib.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            raise PhikitError(f"llama.cpp could not evaluate the batch (llama_decode returned {rc})")
+        return rows
+
+    def sample(self, seq, row):
+        tok = self.lib.llama_sampler_sample(seq.sampler.sampler, self.ctx.ctx, row)
+        k = seq.params.logprobs
+        if k is None:
+            return tok
+        import numpy as np
+
+        lp = log_softmax(np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx.ctx, row), shape=(self.be.vocab_size,)))
+        return self.be._logprob(tok, lp[tok], top_of(lp, k))
+
+    def finish(self, seq, keep: bool) -> None:
+        sid, seq.slot = seq.slot, None
+        if sid is None:
+            return
+        if keep and seq.n_kv > 0:
+            self.entries[sid] = seq.tokens[: seq.n_kv]
+        else:
+            self._drop(sid)
+            self.free_ids.append(sid)
+
+    def cached_tokens(self) -> int:
+        return sum(len(t) for t in self.entries.values())
+
+    def evict_one(self) -> bool:
+        if not self.entries:
+            return False
+        sid = next(iter(self.entries))
+        del self.entries[sid]
+        self._drop(sid)
+        self.free_ids.append(sid)
+        return True
+
+    def score(self, ids: list[int], top: int, room: Callable[[int], None]) -> list[Logprob]:
+        """Prompt log-probabilities under the scratch sequence id (engine thread; `room(n)` frees n cells first)."""
+        room(len(ids))
+        sid, b = self.n_ids - 1, self.batch
+        out = [self.be._logprob(ids[0], None)]
+        import numpy as np
+
+        try:
+            for start in range(0, len(ids), self.step_tokens):
+                part = ids[start : start + self.step_tokens]
+                for j, t in enumerate(part):
+                    b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = t, start + j, 1, True
+                    b.seq_id[j][0] = sid
+                b.n_tokens = len(part)
+                if self.lib.llama_decode(self.ctx.ctx, b) != 0:
+                    raise PhikitError("llama.cpp could not evaluate the prompt for its log-probabilities")
+                for j in range(len(part)):
+                    at = start + j + 1
+                    if at < len(ids):
+                        row = log_softmax(np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx.ctx, j), shape=(self.be.vocab_size,)))
+                        out.append(self.be._logprob(ids[at], row[ids[at]], top_of(row, top)))
+        finally:
+            self._drop(sid)
+        return out

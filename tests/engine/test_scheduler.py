@@ -1,0 +1,192 @@
+"""Continuous batching (engine/scheduler.py): requests that run together give what each gives alone.
+
+Tiny random models of the real architectures on transformers in fp32, greedy or seeded: joined
+batches, prompt-cache hits and preempted sequences must give the exact tokens of a request run
+alone (the LM head's rows past the tiny tokenizer's vocabulary are zeroed so replies are text).
+The embedded GGUF on llama.cpp runs its batch kernels: there the tests check what the engine
+must do (every request answered, the cache reused, grammar and logprobs per sequence), and the
+agreement with single runs is measured in benchmarks/speed/serve_concurrency.py.
+"""
+
+import json
+import threading
+
+import pytest
+
+import phikit
+from phikit.engine.types import SamplingParams, join
+from phikit.errors import PhikitError
+
+PROMPTS = ["Hi", "Tell me a long story about a dragon and a castle by the sea.", "2+2?",
+           "What is the capital of France? Answer briefly please.", "ok"]
+
+
+@pytest.fixture(scope="module", params=["phi3", "chatml", "phi4-mini"])
+def tiny(request, tiny_dirs):
+    m = phikit.load(str(tiny_dirs[request.param]), backend="transformers", device="cpu")
+    be = m.backend
+    be.model.get_output_embeddings().weight.data[len(be.tokenizer):] = 0
+    yield m
+    be.close()
+
+
+def ids_of(be, text: str) -> list[int]:
+    return be.encode(be.render([{"role": "user", "content": text}]))
+
+
+def alone(be, ids, params, n):
+    return list(be._generate(ids, params, n))
+
+
+def test_requests_joining_mid_generation_get_their_own_tokens(tiny):
+    be = tiny.backend
+    be.enable_batching(3, prompt_cache=False)
+    sch = be.scheduler
+    greedy = SamplingParams(temperature=0.0)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=11)
+    plan = [(PROMPTS[1], greedy, 12), (PROMPTS[0], seeded, 9), (PROMPTS[3], greedy, 5), (PROMPTS[2], seeded, 7), (PROMPTS[4], greedy, 10)]
+    got: dict[int, list[int]] = {}
+    streams = {}
+    # Start the first, read a few tokens, then start the next: each joins a batch already decoding.
+    for i, (text, params, n) in enumerate(plan):
+        streams[i] = sch.submit(ids_of(be, text), params, n, set())
+        got[i] = [next(streams[i]) for _ in range(2)]
+    for i, s in streams.items():
+        got[i] += list(s)
+    for i, (text, params, n) in enumerate(plan):
+        assert got[i] == alone(be, ids_of(be, text), params, n), plan[i]
+    assert sch.stats()["running"] == 0 and sch.stats()["waiting"] == 0
+
+
+def test_prompt_cache_reuses_the_earlier_turns_and_changes_nothing(tiny):
+    be = tiny.backend
+    be.enable_batching(2, prompt_cache=True)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    chat = [{"role": "user", "content": PROMPTS[1]}]
+    first = tiny.generate(chat, params)
+    chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
+    second = tiny.generate(chat, params)
+    st = be.scheduler.stats()
+    assert st["cache_hit_tokens"] >= first.prompt_tokens  # the whole first prompt came from the cache
+    be.close()
+    assert tiny.generate(chat, params).text == second.text  # the same reply without any cache
+
+
+def test_preempted_sequences_come_back_with_the_same_tokens(tiny):
+    be = tiny.backend
+    prompts = [ids_of(be, p) for p in PROMPTS[:4]]
+    n = 12
+    # Room for two sequences' prompts and replies, not four: the latest are preempted and run again later.
+    be.enable_batching(4, kv_tokens=max(len(p) for p in prompts) * 2 + 2 * n, prompt_cache=False)
+    sch = be.scheduler
+    params = SamplingParams(temperature=1.0, seed=3)
+    streams = [sch.submit(ids, params, n, set()) for ids in prompts]
+    got = [list(s) for s in streams]
+    assert got == [alone(be, ids, params, n) for ids in prompts]
+    assert sch.stats()["preemptions"] > 0
+
+
+def test_a_request_longer_than_the_cache_fails_alone(tiny):
+    be = tiny.backend
+    be.enable_batching(2, kv_tokens=64, prompt_cache=False)
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    ok = be.scheduler.submit(ids_of(be, "ok"), params, 6, set())
+    with pytest.raises(PhikitError, match="KV cache"):
+        be.scheduler.submit(list(range(3, 70)), params, 6, set())
+    assert list(ok) == alone(be, ids_of(be, "ok"), params, 6)
+
+
+def test_a_closed_stream_frees_its_place(tiny):
+    be = tiny.backend
+    be.enable_batching(1, prompt_cache=False)
+    params = SamplingParams(temperature=0.0)
+    a = be.scheduler.submit(ids_of(be, PROMPTS[1]), params, 400, set())
+    next(a)
+    a.close()  # the reader went away: the next request gets the one place
+    b = be.scheduler.submit(ids_of(be, "ok"), params, 4, set())
+    assert list(b) == alone(be, ids_of(be, "ok"), params, 4)
+
+
+def test_streams_from_many_threads_equal_their_single_runs(tiny):
+    """The full stream (stop strings, detokenising) on callers' threads, the model on the engine thread."""
+    be = tiny.backend
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    single = [tiny.generate(p, params).text for p in PROMPTS]
+    stop = single[1][2:4]
+    single_stop = [tiny.generate(p, SamplingParams(max_tokens=10, temperature=0.0, stop=[stop])).text for p in PROMPTS]
+    be.enable_batching(3, prompt_cache=True)
+    out: dict[int, str] = {}
+
+    def run(i):
+        p = SamplingParams(max_tokens=10, temperature=0.0, stop=[stop] if i % 2 else [])
+        out[i] = join(tiny.stream(PROMPTS[i], p), "m").text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert [out[i] for i in range(len(PROMPTS))] == [single_stop[i] if i % 2 else single[i] for i in range(len(PROMPTS))]
+
+
+def test_scripted_backend_runs_one_at_a_time_behind_the_scheduler():
+    from tiny import scripted_model
+
+    m = scripted_model("phi3", ["first reply", "second reply"])
+    st = m.backend.enable_batching(4)
+    assert st["parallel"] == 1  # it cannot batch: one sequence at a time, on the engine thread
+    texts = [m.generate("hi").text, m.generate("hi again").text]
+    assert texts == ["first reply", "second reply"]
+    m.backend.close()
+
+
+@pytest.fixture(scope="module")
+def smol():
+    m = phikit.load()
+    m.backend.enable_batching(4, prompt_cache=True)
+    yield m
+    m.backend.close()
+
+
+def test_llamacpp_runs_requests_together(smol):
+    sch = smol.backend.scheduler
+    before = sch.steps
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    res = smol.generate_batch(["Why is the sky blue?", "Name three fruits.", "What is 2+2?", "Say hello."], params)
+    assert all(r.text.strip() and r.completion_tokens > 0 for r in res)
+    assert sch.steps - before < sum(r.completion_tokens for r in res)  # steps carried several sequences
+    again = smol.generate_batch(["Why is the sky blue?", "Name three fruits."], params)
+    assert sch.stats()["cache_hit_tokens"] > 0
+    assert [r.completion_tokens > 0 for r in again] == [True, True]
+
+
+def test_llamacpp_grammar_and_logprobs_per_sequence(smol):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    params_json = SamplingParams(max_tokens=40, temperature=0.0, json_schema=schema)
+    params_lp = SamplingParams(max_tokens=6, temperature=0.0, logprobs=3, prompt_logprobs=2)
+    out = {}
+
+    def run(key, text, params):
+        out[key] = list(smol.stream(text, params))
+
+    threads = [threading.Thread(target=run, args=("json", "Give a name as JSON.", params_json)),
+               threading.Thread(target=run, args=("lp", "Say hello.", params_lp)),
+               threading.Thread(target=run, args=("plain", "Name a color.", SamplingParams(max_tokens=12, temperature=0.0)))]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert isinstance(json.loads("".join(c.text for c in out["json"]))["name"], str)
+    lps = [lp for c in out["lp"] for lp in (c.logprobs or [])]
+    assert len(lps) == sum(len(c.token_ids) for c in out["lp"]) > 0
+    assert all(len(lp.top) == 3 and lp.logprob <= 0 for lp in lps)
+    prompt = out["lp"][0].prompt_logprobs
+    assert prompt[0].logprob is None and all(lp.logprob <= 0 and len(lp.top) == 2 for lp in prompt[1:])
+    assert "".join(c.text for c in out["plain"]).strip()
+
+
+def test_llamacpp_without_its_scheduler_runs_as_before():
+    """Closing the scheduler (a server unloading, a benchmark switching) leaves the plain loop working."""
+    m = phikit.load()
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    before = m.generate("Say hello.", params).text
+    m.backend.enable_batching(2)
+    assert m.generate("Say hello.", params).text.strip()
+    m.backend.close()
+    assert m.generate("Say hello.", params).text == before

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
-from common import add_out, emit  # noqa: E402
+from common import ROOT, add_out, emit  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 
@@ -87,12 +87,28 @@ def median(rows: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in rows), 4)
 
 
-def prompt_of(i: int, tokens: int) -> str:
-    """A distinct user prompt of about `tokens` tokens (English words are ~1.3 tokens each)."""
-    words = ("the lighthouse keeper found a bottle on the rocks and read the message inside it twice before "
-             "deciding what to do next while the storm kept rising over the dark water").split()
-    body = " ".join(words[(i + k) % len(words)] for k in range(int(tokens / 1.3)))
+WORDS = ("the lighthouse keeper found a bottle on the rocks and read the message inside it twice before "
+         "deciding what to do next while the storm kept rising over the dark water").split()
+
+
+def prompt_of(i: int, words: int) -> str:
+    """A distinct user prompt of `words` words."""
+    body = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words))
     return f"Client {i}. Continue this story: {body}"
+
+
+def words_for(url: str, name: str, tokens: int) -> int:
+    """How many words make a chat prompt of about `tokens` tokens for this server's model (read from usage)."""
+    import httpx
+
+    def count(words: int) -> int:
+        r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
+            "model": name, "messages": [{"role": "user", "content": prompt_of(0, words)}], "max_tokens": 1})
+        r.raise_for_status()
+        return r.json()["usage"]["prompt_tokens"]
+
+    base, per = count(0), (count(100) - count(0)) / 100
+    return max(1, round((tokens - base) / per))
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -102,12 +118,15 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-async def _sdk_stream(client, name: str, messages: list[dict], n: int, seed: int | None) -> dict:
+async def _sdk_stream(client, name: str, messages: list[dict], n: int, seed: int | None, fixed: bool = False) -> dict:
+    """One streaming chat request; `fixed`: exactly n tokens (ignore_eos, as vLLM's serving benchmark sends), greedy (a
+    random-weight model's sampled tokens would mostly be ids its small tokenizer cannot write)."""
     t0 = time.perf_counter()
     stamps, tokens = [], 0
     stream = await client.chat.completions.create(model=name, messages=messages, max_tokens=n, stream=True,
-                                                  temperature=0 if seed is None else 0.8, seed=seed,
-                                                  stream_options={"include_usage": True})
+                                                  temperature=0 if seed is None or fixed else 0.8, seed=seed,
+                                                  stream_options={"include_usage": True},
+                                                  extra_body={"ignore_eos": True} if fixed else None)
     text = ""
     async for ev in stream:
         if ev.usage:
@@ -118,15 +137,15 @@ async def _sdk_stream(client, name: str, messages: list[dict], n: int, seed: int
     return {"t0": t0, "stamps": stamps, "tokens": tokens, "text": text}
 
 
-def concurrent(url: str, name: str, clients: int, n: int, prompt_tokens: int) -> dict:
-    """`clients` openai-SDK streams at once; aggregate tokens/s, p50/p95 TTFT and inter-token latency."""
+def concurrent(url: str, name: str, clients: int, n: int, words: int) -> dict:
+    """`clients` openai-SDK streams at once, n tokens each; aggregate tokens/s, p50/p95 TTFT and inter-token latency."""
     import asyncio
 
     import openai
 
     async def run():
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600) as client:
-            return await asyncio.gather(*(_sdk_stream(client, name, [{"role": "user", "content": prompt_of(i, prompt_tokens)}], n, i)
+            return await asyncio.gather(*(_sdk_stream(client, name, [{"role": "user", "content": prompt_of(i, words)}], n, i, True)
                                           for i in range(clients)))
 
     t0 = time.perf_counter()
@@ -141,7 +160,7 @@ def concurrent(url: str, name: str, clients: int, n: int, prompt_tokens: int) ->
             "itl_p50_s": round(percentile(itl, 0.5), 4), "itl_p95_s": round(percentile(itl, 0.95), 4)}
 
 
-def chat_turns(url: str, name: str, turns: int, n: int) -> list[float]:
+def chat_turns(url: str, name: str, turns: int, n: int, words: int) -> list[float]:
     """Time to first token of each turn of one chat whose history grows (greedy, n tokens a reply)."""
     import asyncio
 
@@ -151,7 +170,7 @@ def chat_turns(url: str, name: str, turns: int, n: int) -> list[float]:
         history, out = [{"role": "system", "content": "You are a helpful assistant who answers in detail."}], []
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
             for t in range(turns):
-                history.append({"role": "user", "content": f"Question {t + 1}: {prompt_of(t, 40)} What happens next?"})
+                history.append({"role": "user", "content": f"Question {t + 1}: {prompt_of(t, words)} What happens next?"})
                 r = await _sdk_stream(client, name, history, n, None)
                 out.append(r["stamps"][0] - r["t0"] if r["stamps"] else float("nan"))
                 history.append({"role": "assistant", "content": r["text"]})
@@ -234,11 +253,67 @@ def agreement(model, prompts: list[str], n: int) -> list[dict]:
     return rows
 
 
+def random_phi4_mini(out: str) -> str:
+    """A Phi-4-mini-shaped checkpoint with random bf16 weights (hidden 3072, 32 layers, 24/8 heads, vocab 200064,
+    tied embeddings, partial rotary 0.75) and the tiny phi4-mini tokenizer of tests/tiny.py (bytes and the
+    real special tokens); every embedding row but printable ASCII bytes' is zero, so greedy replies are text.
+    For speed only."""
+    import torch
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import build_tokenizer
+
+    tok = build_tokenizer("phi4-mini")
+    cfg = Phi3Config(vocab_size=200064, max_position_embeddings=4096, tie_word_embeddings=True, partial_rotary_factor=0.75,
+                     hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    # Nothing but printable ASCII can win a greedy step: not ids past the tokenizer, not its special tokens, not a byte
+    # of a multi-byte character (the stream holds those back until the character is whole, so they would be no text).
+    keep = [i for i in range(len(tok)) if len(s := tok.decode([i])) == 1 and " " <= s <= "~"]
+    with torch.no_grad():
+        w = model.get_input_embeddings().weight
+        mask = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+        mask[keep] = False
+        w[mask] = 0
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    return out
+
+
+def transformers_cb(model_dir: str, clients: list[int], prompt_tokens: int, n: int) -> list[dict]:
+    """The peer: transformers' own continuous batching (`generate_batch`, its paged cache and CUDA graphs) over the
+    same weights, in this process: `clients` prompts of `prompt_tokens` random byte ids, n new tokens each."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda")
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for k in clients:
+        prompts = [torch.randint(3, 250, (prompt_tokens,), generator=g).tolist() for _ in range(k)]
+        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate_batch(inputs=prompts, generation_config=cfg)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        total = sum(len(o.generated_tokens) for o in out.values())
+        rows.append({"measure": "concurrency", "side": "transformers-cb", "clients": k, "prompt_tokens": prompt_tokens, "max_tokens": n,
+                     "output_tokens": total, "wall_s": round(wall, 3), "aggregate_tokens_per_s": round(total / wall, 2)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens of the overhead measure (0: skip it)")
-    ap.add_argument("--sides", nargs="+", default=["p1", "p4"], help="p1 (one at a time, no prompt cache) and pN (--parallel N)")
+    ap.add_argument("--sides", nargs="*", default=["p1", "p4"], help="p1 (one at a time, no prompt cache) and pN (--parallel N)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--client-tokens", type=int, default=256)
@@ -246,6 +321,9 @@ def main() -> None:
     ap.add_argument("--chat-tokens", type=int, default=48)
     ap.add_argument("--agreement", action="store_true", help="also measure batched/cached vs alone replies in-process")
     ap.add_argument("--agree-prompts", type=int, default=16)
+    ap.add_argument("--transformers-cb", action="store_true", help="also run the peer: transformers' continuous batching (CUDA)")
+    ap.add_argument("--random-phi4-mini", metavar="DIR", default=None,
+                    help="build a random Phi-4-mini-shaped checkpoint in DIR (if absent) and serve it")
     ap.add_argument("--model", default=None)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--device", default=None)
@@ -254,24 +332,35 @@ def main() -> None:
     add_out(ap)
     args = ap.parse_args()
 
-    import phikit
-    from phikit.serve.thread import free_port
-
+    if args.random_phi4_mini:
+        if not Path(args.random_phi4_mini, "config.json").exists():
+            random_phi4_mini(args.random_phi4_mini)
+        args.model = args.random_phi4_mini
     load = {k: v for k, v in dict(backend=args.backend, device=args.device, quant=args.quant).items() if v}
-    model_args = [*([args.model] if args.model else []), "--n-ctx", str(args.n_ctx),
+    model_args = [*(["--model", args.model] if args.model else []), "--n-ctx", str(args.n_ctx),
                   *[x for k, v in load.items() for x in (f"--{k}", v)]]
-    model = phikit.load(args.model, n_ctx=args.n_ctx, **load)
-    env = {"model": model.name, "backend": model.backend.name, "cpus": os.cpu_count(), "python": platform.python_version(),
-           "device": str(model.info().get("device")), "quant": model.info().get("quant"), "load_avg_at_start": os.getloadavg()[0]}
+    env = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_at_start": os.getloadavg()[0], **load}
     try:
         import torch
 
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
+            env["torch"] = torch.__version__
     except ImportError:
         pass
+    if args.agreement or args.max_tokens:
+        import phikit
+
+        model = phikit.load(args.model, n_ctx=args.n_ctx, **load)
+        env.update(model=model.name, backend=model.backend.name, quant=model.info().get("quant"))
+    else:
+        from phikit.models.registry import resolve
+
+        env["model"] = resolve(args.model).name if args.model else "smollm2-135m"
+    from phikit.serve.thread import free_port
+
     if args.agreement:
-        prompts = [prompt_of(i, 32) for i in range(args.agree_prompts)]
+        prompts = [prompt_of(i, 24) for i in range(args.agree_prompts)]
         for row in agreement(model, prompts, 48):
             emit({**row, **env}, args.out)
     if args.max_tokens:
@@ -289,21 +378,37 @@ def main() -> None:
                       "tokens": median(rows, "tokens"), **env}, args.out)
         finally:
             stop_server()
-    del model
+    if args.agreement or args.max_tokens:
+        model.backend.close()
+        del model
     for side in args.sides:
         url = start_server(free_port(), side_flags(side), model_args)
         try:
-            concurrent(url, env["model"], 1, 8, 16)  # warm-up
+            name = httpx_json(url + "/health")["model"]
+            words = words_for(url, name, args.prompt_tokens)
+            concurrent(url, name, 2, 8, words)  # warm-up
             for k in args.clients:
                 emit({"measure": "concurrency", "side": side, "prompt_tokens": args.prompt_tokens, "max_tokens": args.client_tokens,
-                      **concurrent(url, env["model"], k, args.client_tokens, args.prompt_tokens), **env}, args.out)
+                      **concurrent(url, name, k, args.client_tokens, words), **env}, args.out)
             if args.chat_turns:
-                ttft = chat_turns(url, env["model"], args.chat_turns, args.chat_tokens)
+                ttft = chat_turns(url, name, args.chat_turns, args.chat_tokens, max(1, words // 3))
                 emit({"measure": "chat_turns", "side": side, "turns": args.chat_turns, "ttft_s": [round(x, 4) for x in ttft],
                       "turn1_ttft_s": round(ttft[0], 4), "last_turn_ttft_s": round(ttft[-1], 4),
                       "last_over_first": round(ttft[-1] / ttft[0], 2), **env}, args.out)
         finally:
             stop_server()
+    if args.transformers_cb:
+        try:
+            for row in transformers_cb(args.model, args.clients, args.prompt_tokens, args.client_tokens):
+                emit({**row, **env}, args.out)
+        except Exception as e:  # the peer failing is a result too
+            emit({"measure": "concurrency", "side": "transformers-cb", "error": f"{type(e).__name__}: {e}"[:500], **env}, args.out)
+
+
+def httpx_json(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url, timeout=60).json()
 
 
 if __name__ == "__main__":

@@ -190,3 +190,12 @@ def test_llamacpp_without_its_scheduler_runs_as_before():
     assert m.generate("Say hello.", params).text.strip()
     m.backend.close()
     assert m.generate("Say hello.", params).text == before
+
+
+def test_ignore_eos_makes_exactly_max_tokens(smol):
+    """vLLM's ignore_eos: the model's end tokens do not end the reply (benchmarks use it for fixed lengths)."""
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    r = smol.generate("Say hi.", params)
+    assert (r.completion_tokens, r.finish_reason) == (40, "length")
+    short = smol.generate("Say hi.", SamplingParams(max_tokens=40, temperature=0.0))
+    assert short.completion_tokens < 40 and short.finish_reason == "stop"  # the same prompt ends on its own without it

@@ -69,6 +69,13 @@ def test_concurrent_streams_all_answer_and_share_steps(server, model):
     assert "phikit_engine_cache_hit_tokens_total" in metrics and "phikit_engine_batch_size" in metrics
 
 
+def test_ignore_eos_through_the_openai_sdk(server, model):
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    r = oai.chat.completions.create(model=model.name, messages=[{"role": "user", "content": "Say hi."}], max_tokens=40,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+
+
 def test_a_failing_request_fails_alone(server, model):
     """A prompt over the context is a 400 while the requests beside it run to the end."""
     oai = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)

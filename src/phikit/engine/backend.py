@@ -191,7 +191,7 @@ class LocalBackend(Backend):
 
     def _stream_ids(self, ids: list[int], params: SamplingParams, t0: float) -> Iterator[Chunk]:
         max_new = min(params.max_tokens, self.context_length - len(ids))
-        stops = self.stop_ids()
+        stops = set() if params.ignore_eos else self.stop_ids()
         detok = IncrementalDetokenizer(self.decode)
         guard = StopStrings(params.stop)
         stats = Stats(prompt_tokens=len(ids))

@@ -25,6 +25,8 @@ class SamplingParams:
     logprobs: int | None = None
     # The same for the prompt's own tokens, in a first chunk (Chunk.prompt_logprobs); with it max_tokens may be 0.
     prompt_logprobs: int | None = None
+    # Generate max_tokens tokens, not stopping at the model's end tokens (vLLM's ignore_eos; stop strings still apply).
+    ignore_eos: bool = False
 
     def validate(self) -> "SamplingParams":
         from ..errors import PhikitError

@@ -70,6 +70,7 @@ def _params(body, max_tokens: int, index: int, defaults: dict | None = None, **m
         top_k=d.get("top_k", 0),
         seed=None if seed is None else seed + index,
         stop=stop,
+        ignore_eos=body.ignore_eos,
         **more,
     ).validate()
 

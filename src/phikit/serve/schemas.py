@@ -122,6 +122,9 @@ class _SamplingRequest(_Body):
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = None
+    # vLLM's and llama.cpp server's extension: generate max_tokens tokens whatever the model's end tokens
+    # (benchmarks send it, so every request makes the same number of tokens).
+    ignore_eos: bool = False
 
 
 class ChatCompletionRequest(_SamplingRequest):

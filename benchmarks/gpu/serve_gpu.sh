@@ -29,7 +29,7 @@ OUT=${OUT:-/tmp/out}
 M=/tmp/phi4mini-random
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 benchmarks/speed/serve.py --random-phi4-mini $M --backend transformers --device cuda --quant "${QUANT:-none}" \
-  --sides ${SIDES:-p1 p16 p64} --clients 1 4 16 64 --max-tokens 0 --chat-turns 10 --out "$OUT/serve_gpu.jsonl"
+  --sides ${SIDES-p1 p16 p64} --clients 1 4 16 64 --max-tokens 0 --chat-turns 10 --out "$OUT/serve_gpu.jsonl"
 if [ "${PEER:-0}" = 1 ]; then
   python3 benchmarks/speed/serve.py --model $M --sides --clients 1 4 16 64 --max-tokens 0 --transformers-cb --out "$OUT/serve_gpu.jsonl"
 fi

@@ -137,15 +137,16 @@ async def _sdk_stream(client, name: str, messages: list[dict], n: int, seed: int
     return {"t0": t0, "stamps": stamps, "tokens": tokens, "text": text}
 
 
-def concurrent(url: str, name: str, clients: int, n: int, words: int) -> dict:
-    """`clients` openai-SDK streams at once, n tokens each; aggregate tokens/s, p50/p95 TTFT and inter-token latency."""
+def concurrent(url: str, name: str, clients: int, n: int, words: int, first: int = 0) -> dict:
+    """`clients` openai-SDK streams at once, n tokens each, prompts `first`, `first` + 1, ... (a run's prompts are its
+    own: no prompt cache hit from an earlier run); aggregate tokens/s, p50/p95 TTFT and inter-token latency."""
     import asyncio
 
     import openai
 
     async def run():
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600) as client:
-            return await asyncio.gather(*(_sdk_stream(client, name, [{"role": "user", "content": prompt_of(i, words)}], n, i, True)
+            return await asyncio.gather(*(_sdk_stream(client, name, [{"role": "user", "content": prompt_of(first + i, words)}], n, i, True)
                                           for i in range(clients)))
 
     t0 = time.perf_counter()
@@ -386,10 +387,12 @@ def main() -> None:
         try:
             name = httpx_json(url + "/health")["model"]
             words = words_for(url, name, args.prompt_tokens)
-            concurrent(url, name, 2, 8, words)  # warm-up
+            concurrent(url, name, 2, 8, words, first=10_000)  # warm-up
+            first = 0
             for k in args.clients:
                 emit({"measure": "concurrency", "side": side, "prompt_tokens": args.prompt_tokens, "max_tokens": args.client_tokens,
-                      **concurrent(url, name, k, args.client_tokens, words), **env}, args.out)
+                      **concurrent(url, name, k, args.client_tokens, words, first), **env}, args.out)
+                first += k
             if args.chat_turns:
                 ttft = chat_turns(url, name, args.chat_turns, args.chat_tokens, max(1, words // 3))
                 emit({"measure": "chat_turns", "side": side, "turns": args.chat_turns, "ttft_s": [round(x, 4) for x in ttft],

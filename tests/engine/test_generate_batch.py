@@ -9,21 +9,13 @@ them are zeroed: the model then writes bytes, and the texts are not empty.
 
 import json
 
-import pytest
 
 import phikit
 from phikit.engine.types import SamplingParams
 
+# `tiny`: tests/engine/conftest.py
 PROMPTS = ["Hi", "Tell me a long story about a dragon and a castle by the sea.", "2+2?",
            "What is the capital of France? Answer briefly please.", "ok"]
-
-
-@pytest.fixture(scope="module", params=["phi3", "chatml", "phi4-mini"])
-def tiny(request, tiny_dirs):
-    m = phikit.load(str(tiny_dirs[request.param]), backend="transformers", device="cpu")
-    be = m.backend
-    be.model.get_output_embeddings().weight.data[len(be.tokenizer):] = 0
-    return m
 
 
 def one_by_one(m, prompts, params):

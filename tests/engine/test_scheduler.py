@@ -17,17 +17,9 @@ import phikit
 from phikit.engine.types import SamplingParams, join
 from phikit.errors import PhikitError
 
+# `tiny`: tests/engine/conftest.py
 PROMPTS = ["Hi", "Tell me a long story about a dragon and a castle by the sea.", "2+2?",
            "What is the capital of France? Answer briefly please.", "ok"]
-
-
-@pytest.fixture(scope="module", params=["phi3", "chatml", "phi4-mini"])
-def tiny(request, tiny_dirs):
-    m = phikit.load(str(tiny_dirs[request.param]), backend="transformers", device="cpu")
-    be = m.backend
-    be.model.get_output_embeddings().weight.data[len(be.tokenizer):] = 0
-    yield m
-    be.close()
 
 
 def ids_of(be, text: str) -> list[int]:

@@ -64,6 +64,29 @@ def test_prompt_cache_reuses_the_earlier_turns_and_changes_nothing(tiny):
     assert tiny.generate(chat, params).text == second.text  # the same reply without any cache
 
 
+SYSTEM = "You are a careful assistant. Answer in one short sentence, and say so when you do not know. " * 2
+
+
+def test_a_prompt_shares_the_prefix_of_a_request_still_running(tiny):
+    """Two requests with one system prompt at once: the second reads only its own question (on transformers a copy
+    of the first one's cache rows), and both replies are the ones they get alone."""
+    be = tiny.backend
+    be.enable_batching(2, prompt_cache=True)
+    sch = be.scheduler
+    params = SamplingParams(temperature=0.0)
+    a_ids, b_ids = (be.encode(be.render([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]))
+                    for q in (PROMPTS[1], PROMPTS[3]))
+    shared = next(i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y)
+    a = sch.submit(a_ids, params, 8, set())
+    got_a = [next(a), next(a)]  # a is decoding: its prompt is in the batch's cache
+    hits0 = sch.stats()["cache_hit_tokens"]
+    b = sch.submit(b_ids, params, 8, set())
+    got_b = list(b)
+    got_a += list(a)
+    assert sch.stats()["cache_hit_tokens"] - hits0 == shared
+    assert got_a == alone(be, a_ids, params, 8) and got_b == alone(be, b_ids, params, 8)
+
+
 def test_preempted_sequences_come_back_with_the_same_tokens(tiny):
     be = tiny.backend
     prompts = [ids_of(be, p) for p in PROMPTS[:4]]
@@ -150,9 +173,26 @@ def test_llamacpp_runs_requests_together(smol):
     assert [r.completion_tokens > 0 for r in again] == [True, True]
 
 
+def test_llamacpp_shares_a_running_prompt_prefix(smol):
+    be = smol.backend
+    sch = be.scheduler
+    params = SamplingParams(temperature=0.0)
+    a_ids, b_ids = (be.encode(be.render([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]))
+                    for q in ("Name three rivers.", "Name three mountains."))
+    shared = next(i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y)
+    a = sch.submit(a_ids, params, 12, set())
+    next(a)
+    hits0 = sch.stats()["cache_hit_tokens"]
+    b = sch.submit(b_ids, params, 12, set())
+    got_b = list(b)
+    list(a)
+    assert sch.stats()["cache_hit_tokens"] - hits0 >= shared
+    assert be.decode(got_b).strip()
+
+
 def test_llamacpp_grammar_and_logprobs_per_sequence(smol):
-    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
-    params_json = SamplingParams(max_tokens=40, temperature=0.0, json_schema=schema)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}}, "required": ["name"]}
+    params_json = SamplingParams(max_tokens=80, temperature=0.0, json_schema=schema)
     params_lp = SamplingParams(max_tokens=6, temperature=0.0, logprobs=3, prompt_logprobs=2)
     out = {}
 

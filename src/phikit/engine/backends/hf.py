@@ -200,7 +200,8 @@ class HFBatch(BatchModel):
     position ids count its own tokens, as in `generate_batch`); a new sequence reads its prompt
     alone in slices, into a cache of its own, and joins the batch after its first token. A finished
     sequence's row leaves (the columns no row needs any more are cut) and, with the prompt cache,
-    stays as a cached prefix that a later prompt beginning with the same tokens crops and reuses.
+    stays as a cached prefix that a later prompt beginning with the same tokens crops and reuses; a
+    prompt that begins like one still running starts from a copy of that one's first tokens.
 
     Eager forwards on any device: the CUDA fast path (static cache, CUDA graphs) stays batch 1.
     """
@@ -208,6 +209,7 @@ class HFBatch(BatchModel):
     def __init__(self, be: "HFBackend", capacity: int, step_tokens: int = 256):
         self.be, self.capacity, self.step_tokens = be, capacity, step_tokens
         self.rows: list = []  # the decoding Seqs, in the order of the batch cache's rows
+        self.reading: dict[int, object] = {}  # Seqs still reading their prompt, each in a cache of its own
         self.cache = None  # their DynamicCache, left-padded to one width
         self.mask = None  # [rows, width]: 1 where a row holds a token
         self.entries: dict[int, tuple[list[int], object]] = {}  # cached prefixes: key -> (tokens, cache), LRU first
@@ -227,19 +229,33 @@ class HFBatch(BatchModel):
                 constraint = hf_json_mask(be.tokenizer, p.json_schema, be.stop_ids(), be.model.config.vocab_size)
             seq.sampler = (gen, constraint)
         want = seq.tokens
-        best, n = None, 0
+        best, n, share = None, 0, None
         if reuse:
             for key, (toks, _) in self.entries.items():
                 k = common_prefix(toks, want)
                 if k > n:
                     best, n = key, k
+            for other in [*self.rows, *self.reading.values()]:  # a prefix read by a request still running
+                k = common_prefix(other.tokens[: other.n_kv], want)
+                if k > n:
+                    best, n, share = None, k, other
             n = min(n, len(want) - 1)
-        if best is not None and n > 0:
+        if n > 0 and best is not None:
             _, cache = self.entries.pop(best)
             seq.slot = DynamicCache(ddp_cache_data=[(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers])
             seq.n_kv = seq.cached = n
+        elif n > 0 and share is not None:
+            if share.slot is not None:  # still reading its prompt, in a cache of its own
+                parts = [(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in share.slot.layers]
+            else:  # a row of the batch: its tokens are the row's last n_kv columns
+                i, start = self.rows.index(share), self.mask.shape[1] - share.n_kv
+                parts = [(layer.keys[i : i + 1, :, start : start + n], layer.values[i : i + 1, :, start : start + n])
+                         for layer in self.cache.layers]
+            seq.slot = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in parts])
+            seq.n_kv = seq.cached = n
         else:
             seq.slot = DynamicCache()
+        self.reading[seq.id] = seq
 
     def forward(self, work):
         import torch
@@ -277,6 +293,7 @@ class HFBatch(BatchModel):
         own = [(layer.keys, layer.values) for layer in seq.slot.layers]
         n = own[0][0].shape[-2]
         seq.slot = None
+        self.reading.pop(seq.id, None)
         if not self.rows:
             self.rows, self.cache = [seq], DynamicCache(ddp_cache_data=own)
             self.mask = torch.ones((1, n), dtype=torch.long, device=self.be.device)
@@ -308,6 +325,7 @@ class HFBatch(BatchModel):
 
         if seq.slot is not None:  # still reading its prompt
             own, seq.slot = seq.slot, None
+            self.reading.pop(seq.id, None)
         elif seq in self.rows:
             i = self.rows.index(seq)
             width = int(self.mask[i].sum())

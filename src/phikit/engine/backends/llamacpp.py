@@ -232,7 +232,8 @@ class LlamaCppBatch(BatchModel):
     sequence's id and position, and each sequence samples from its own row with its own sampler
     chain (the one `Llama.generate` builds: same seed, same grammar, same tokens). A finished
     sequence's cells stay under its id as a cached prefix; a prompt that begins with one takes
-    that id over and drops only the cells past the common part.
+    that id over and drops only the cells past the common part. A prompt that shares its beginning
+    with a sequence still running gets those cells tagged with its own id too (no copy).
     """
 
     def __init__(self, be: "LlamaCppBackend", parallel: int, capacity: int, cache_entries: int):
@@ -257,6 +258,7 @@ class LlamaCppBatch(BatchModel):
         self.batch = llama_cpp.llama_batch_init(self.step_tokens, 0, 1)
         self.free_ids = list(range(self.n_ids - 1))
         self.entries: dict[int, list[int]] = {}  # cached prefixes: sequence id -> its tokens, least recently used first
+        self.running: dict[int, object] = {}  # sequence id -> the running Seq (its evaluated prefix can be shared)
 
     def close(self) -> None:
         if self.batch is not None:
@@ -275,17 +277,22 @@ class LlamaCppBatch(BatchModel):
             seq.sampler = self.be.llm._init_sampler(temp=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=0.0,
                                                     repeat_penalty=1.0, grammar=grammar)
         want = seq.tokens
-        best, n = None, 0
-        if reuse and seq.params.prompt_logprobs is None:
+        best, n, share = None, 0, None
+        if reuse:
             for sid, toks in self.entries.items():
                 k = common_prefix(toks, want)
                 if k > n:
                     best, n = sid, k
+            for other in self.running.values():  # a prefix read by a request still running (a shared system prompt)
+                k = common_prefix(other.tokens[: other.n_kv], want)
+                if k > n:
+                    best, n, share = None, k, other
             n = min(n, len(want) - 1)  # at least one token to read: its logits are the next sample's
-        if best is not None and n > 0:
+        if n > 0 and best is not None:  # a cached prefix: take its id over, drop its cells past the common part
             del self.entries[best]
             self.lib.llama_memory_seq_rm(self.mem, best, n, -1)
             seq.slot, seq.n_kv, seq.cached = best, n, n
+            self.running[best] = seq
             return
         if not self.free_ids:
             sid = next(iter(self.entries))  # the least recently used prefix gives its id up
@@ -293,6 +300,10 @@ class LlamaCppBatch(BatchModel):
             self._drop(sid)
             self.free_ids.append(sid)
         seq.slot = self.free_ids.pop()
+        self.running[seq.slot] = seq
+        if n > 0 and share is not None:  # the cells are shared, not copied: the unified cache tags them with both ids
+            self.lib.llama_memory_seq_cp(self.mem, share.slot, seq.slot, 0, n)
+            seq.n_kv = seq.cached = n
 
     def forward(self, work):
         b, n, rows = self.batch, 0, {}
@@ -327,6 +338,7 @@ class LlamaCppBatch(BatchModel):
         sid, seq.slot = seq.slot, None
         if sid is None:
             return
+        self.running.pop(sid, None)
         if keep and seq.n_kv > 0:
             self.entries[sid] = seq.tokens[: seq.n_kv]
         else:

@@ -54,6 +54,23 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def best_prefix(want: list[int], cached, running) -> tuple[object, int, "Seq | None"]:
+    """Where a new sequence's KV can start from: (key of the cached prefix to take over, or None; how many of
+    `want`'s tokens it gives; the running Seq to share them with, or None). `cached`: (key, tokens) pairs of
+    finished sequences' prefixes; `running`: Seqs whose read tokens may be shared. A cached prefix wins a tie
+    (taking it over copies nothing); at least one token of `want` is left to read (its logits are the next sample's)."""
+    best, n, share = None, 0, None
+    for key, toks in cached:
+        k = common_prefix(toks, want)
+        if k > n:
+            best, n = key, k
+    for other in running:
+        k = common_prefix(other.tokens[: other.n_kv], want)
+        if k > n:
+            best, n, share = None, k, other
+    return best, max(0, min(n, len(want) - 1)), share
+
+
 class Seq:
     """One request's sequence: its prompt, what it made, where it is in the cache."""
 
@@ -220,9 +237,13 @@ class Scheduler:
 
     def room(self, n: int) -> None:
         """Free `n` cells of the KV cache for work outside the sequences (engine thread): cached prefixes go first."""
-        while sum(s.n_kv for s in self.running) + self.model.cached_tokens() + n > self.model.capacity:
+        while self._held() + n > self.model.capacity:
             if not self.model.evict_one():
                 raise BusyError("the KV cache is full with running requests: send this request again shortly")
+
+    def _held(self) -> int:
+        """KV cells held now: by the running sequences and by cached prefixes."""
+        return sum(s.n_kv for s in self.running) + self.model.cached_tokens()
 
     def stats(self) -> dict:
         m = self.model
@@ -294,10 +315,7 @@ class Scheduler:
 
     def _make_room(self, work: list[tuple[Seq, list[int]]]) -> list[tuple[Seq, list[int]]]:
         """Drop cached prefixes, then preempt the latest sequences, until the step's tokens fit."""
-        def need() -> int:
-            return sum(s.n_kv for s in self.running) + self.model.cached_tokens() + sum(len(t) for _, t in work)
-
-        while need() > self.model.capacity:
+        while self._held() + sum(len(t) for _, t in work) > self.model.capacity:
             if self.model.evict_one():
                 continue
             victim = self.running[-1]

@@ -454,9 +454,7 @@ async def create(body: OllamaCreateRequest, request: Request):
 async def copy(body: OllamaCopyRequest, request: Request):
     """A created model named `destination` with all of `source` (a name served here); the weights are not copied."""
     s = _state(request)
-    d = await asyncio.to_thread(s.find, body.source)
-    if d is None:
-        raise ApiError(404, f"model {body.source!r} not found: /api/tags lists the models here", param="source")
+    d = await _served(s, body.source, "source")
     dest = check_name(body.destination, "destination")
     if dest.lower() in {n.lower() for n in s.chat_names()}:
         raise ApiError(400, f"{dest!r} is the model this server was started with (or one of its --alias names): "
@@ -465,14 +463,20 @@ async def copy(body: OllamaCopyRequest, request: Request):
     return {"status": "success"}
 
 
+async def _served(s, name: str, param: str):
+    """The ModelDef a name stands for here; a 404 naming `param` if none."""
+    d = await asyncio.to_thread(s.find, name)
+    if d is None:
+        raise ApiError(404, f"model {name!r} not found: /api/tags lists the models here", param=param)
+    return d
+
+
 @router.delete("/api/delete", responses=error_responses(400, 404, openai=False))
 async def delete(body: OllamaDeleteRequest, request: Request):
     """Delete a model made with /api/create or /api/copy (its manifest; the weights it names stay)."""
     s = _state(request)
     name = _name(body)
-    d = await asyncio.to_thread(s.find, name)
-    if d is None:
-        raise ApiError(404, f"model {name!r} not found: /api/tags lists the models here", param="model")
+    d = await _served(s, name, "model")
     if d.origin == "start":
         raise ApiError(400, f"{name!r} is the model this server was started with: it cannot be deleted while the server runs "
                             "(start the server with another --model to stop serving it)", param="model")
@@ -501,10 +505,7 @@ async def pull(body: OllamaPullRequest, request: Request):
 @router.post("/api/push", responses=error_responses(400, 404, openai=False))
 async def push(body: OllamaPullRequest, request: Request):
     s = _state(request)
-    name = _name(body)
-    d = await asyncio.to_thread(s.find, name)
-    if d is None:
-        raise ApiError(404, f"model {name!r} not found: /api/tags lists the models here", param="model")
+    d = await _served(s, _name(body), "model")
     msg = (f"phikit serve does not push to a registry: to run {d.name!r} under Ollama, export it with "
            "`phikit export -m MODEL --format ollama --out DIR` (MODEL: its FROM, shown by /api/show), then "
            "`ollama create NAME -f DIR/Modelfile` where Ollama runs")

@@ -16,7 +16,7 @@ from typing import Iterator
 from ...formats import ChatFormat, Message
 from ..backend import LocalBackend
 from ..sampling import sample
-from ..scheduler import BatchModel, common_prefix
+from ..scheduler import BatchModel, best_prefix
 from ..types import Logprob, Result, SamplingParams
 
 PROMPT_LOGITS_SLICE = 256  # prompt tokens run through the model at once when their logprobs are asked
@@ -228,18 +228,9 @@ class HFBatch(BatchModel):
 
                 constraint = hf_json_mask(be.tokenizer, p.json_schema, be.stop_ids(), be.model.config.vocab_size)
             seq.sampler = (gen, constraint)
-        want = seq.tokens
-        best, n, share = None, 0, None
-        if reuse:
-            for key, (toks, _) in self.entries.items():
-                k = common_prefix(toks, want)
-                if k > n:
-                    best, n = key, k
-            for other in [*self.rows, *self.reading.values()]:  # a prefix read by a request still running
-                k = common_prefix(other.tokens[: other.n_kv], want)
-                if k > n:
-                    best, n, share = None, k, other
-            n = min(n, len(want) - 1)
+        cached = ((key, toks) for key, (toks, _) in self.entries.items())
+        running = [*self.rows, *self.reading.values()]
+        best, n, share = best_prefix(seq.tokens, cached, running) if reuse else (None, 0, None)
         if n > 0 and best is not None:
             _, cache = self.entries.pop(best)
             seq.slot = DynamicCache(ddp_cache_data=[(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers])

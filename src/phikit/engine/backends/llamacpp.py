@@ -28,7 +28,7 @@ from ...errors import ModelFilesError, PhikitError, require
 from ...formats import detect_format, get_format
 from ...models.registry import ModelSpec
 from ..backend import LocalBackend
-from ..scheduler import BatchModel, common_prefix
+from ..scheduler import BatchModel, best_prefix
 from ..types import Logprob, SamplingParams
 
 PROMPT_LOGITS_SLICE = 64  # prompt tokens evaluated together when their logprobs are asked
@@ -52,6 +52,22 @@ def top_of(logprobs, k: int) -> list[tuple[int, float]]:
     idx = np.argpartition(-logprobs, k - 1)[:k]
     idx = idx[np.lexsort((idx, -logprobs[idx]))]
     return [(int(i), float(logprobs[i])) for i in idx]
+
+
+def prompt_scores(be: "LlamaCppBackend", ids: list[int], top: int, step: int, evaluate) -> list[Logprob]:
+    """Each token of `ids` with its log-probability given the ones before it (None for the first) and the `top`
+    likeliest at its place; `evaluate(start, part)` reads the slice at positions start... with logits at every
+    token and returns them, one row per token."""
+    out = [be._logprob(ids[0], None)]
+    for start in range(0, len(ids), step):
+        part = ids[start : start + step]
+        logits = evaluate(start, part)
+        for j in range(len(part)):
+            at = start + j + 1  # the row of position start + j predicts the token after it
+            if at < len(ids):
+                row = log_softmax(logits[j])
+                out.append(be._logprob(ids[at], row[ids[at]], top_of(row, top)))
+    return out
 
 
 class LlamaCppBackend(LocalBackend):
@@ -143,22 +159,17 @@ class LlamaCppBackend(LocalBackend):
         llm = self._single()
         llm.reset()
         llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # a clean cache: nothing of an earlier call may leak into these
-        out = [self._logprob(ids[0], None)]
+
+        def evaluate(start: int, part: list[int]):
+            llm._batch.set_batch(part, n_past=start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            return self._logits(len(part))
+
         try:
-            for start in range(0, len(ids), PROMPT_LOGITS_SLICE):
-                part = ids[start : start + PROMPT_LOGITS_SLICE]
-                llm._batch.set_batch(part, n_past=start, logits_all=True)
-                llm._ctx.decode(llm._batch)
-                logits = self._logits(len(part))
-                for j in range(len(part)):
-                    at = start + j + 1  # the row of position start + j predicts the token after it
-                    if at < len(ids):
-                        row = log_softmax(logits[j])
-                        out.append(self._logprob(ids[at], row[ids[at]], top_of(row, top)))
+            return prompt_scores(self, ids, top, PROMPT_LOGITS_SLICE, evaluate)
         finally:
             llm._ctx.kv_cache_seq_rm(-1, 0, -1)
             llm.reset()
-        return out
 
     def token_id(self, token: str) -> int | None:
         if token not in self._special_ids:
@@ -276,18 +287,7 @@ class LlamaCppBatch(BatchModel):
             self.be.llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
             seq.sampler = self.be.llm._init_sampler(temp=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=0.0,
                                                     repeat_penalty=1.0, grammar=grammar)
-        want = seq.tokens
-        best, n, share = None, 0, None
-        if reuse:
-            for sid, toks in self.entries.items():
-                k = common_prefix(toks, want)
-                if k > n:
-                    best, n = sid, k
-            for other in self.running.values():  # a prefix read by a request still running (a shared system prompt)
-                k = common_prefix(other.tokens[: other.n_kv], want)
-                if k > n:
-                    best, n, share = None, k, other
-            n = min(n, len(want) - 1)  # at least one token to read: its logits are the next sample's
+        best, n, share = best_prefix(seq.tokens, self.entries.items(), self.running.values()) if reuse else (None, 0, None)
         if n > 0 and best is not None:  # a cached prefix: take its id over, drop its cells past the common part
             del self.entries[best]
             self.lib.llama_memory_seq_rm(self.mem, best, n, -1)
@@ -295,10 +295,7 @@ class LlamaCppBatch(BatchModel):
             self.running[best] = seq
             return
         if not self.free_ids:
-            sid = next(iter(self.entries))  # the least recently used prefix gives its id up
-            del self.entries[sid]
-            self._drop(sid)
-            self.free_ids.append(sid)
+            self.evict_one()  # the least recently used prefix gives its id up
         seq.slot = self.free_ids.pop()
         self.running[seq.slot] = seq
         if n > 0 and share is not None:  # the cells are shared, not copied: the unified cache tags them with both ids
@@ -310,12 +307,7 @@ class LlamaCppBatch(BatchModel):
         for seq, toks in work:
             end = seq.n_kv + len(toks) == len(seq.tokens)
             for j, t in enumerate(toks):
-                b.token[n] = t
-                b.pos[n] = seq.n_kv + j
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = seq.slot
-                b.logits[n] = end and j == len(toks) - 1
-                if b.logits[n]:
+                if self._put(n, t, seq.n_kv + j, seq.slot, end and j == len(toks) - 1):
                     rows[seq.id] = n
                 n += 1
         b.n_tokens = n
@@ -329,10 +321,21 @@ class LlamaCppBatch(BatchModel):
         k = seq.params.logprobs
         if k is None:
             return tok
+        lp = log_softmax(self._row(row))
+        return self.be._logprob(tok, lp[tok], top_of(lp, k))
+
+    def _put(self, n: int, token: int, pos: int, sid: int, logits: bool) -> bool:
+        """Write the batch's n-th token: its id, position, sequence and whether its logits are wanted (returned)."""
+        b = self.batch
+        b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, pos, 1, logits
+        b.seq_id[n][0] = sid
+        return logits
+
+    def _row(self, i: int):
+        """The logits of the last decode's i-th batch token (a numpy view of llama.cpp's buffer)."""
         import numpy as np
 
-        lp = log_softmax(np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx.ctx, row), shape=(self.be.vocab_size,)))
-        return self.be._logprob(tok, lp[tok], top_of(lp, k))
+        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx.ctx, i), shape=(self.be.vocab_size,))
 
     def finish(self, seq, keep: bool) -> None:
         sid, seq.slot = seq.slot, None
@@ -360,24 +363,17 @@ class LlamaCppBatch(BatchModel):
     def score(self, ids: list[int], top: int, room: Callable[[int], None]) -> list[Logprob]:
         """Prompt log-probabilities under the scratch sequence id (engine thread; `room(n)` frees n cells first)."""
         room(len(ids))
-        sid, b = self.n_ids - 1, self.batch
-        out = [self.be._logprob(ids[0], None)]
-        import numpy as np
+        sid = self.n_ids - 1
+
+        def evaluate(start: int, part: list[int]):
+            for j, t in enumerate(part):
+                self._put(j, t, start + j, sid, True)
+            self.batch.n_tokens = len(part)
+            if self.lib.llama_decode(self.ctx.ctx, self.batch) != 0:
+                raise PhikitError("llama.cpp could not evaluate the prompt for its log-probabilities")
+            return [self._row(j) for j in range(len(part))]
 
         try:
-            for start in range(0, len(ids), self.step_tokens):
-                part = ids[start : start + self.step_tokens]
-                for j, t in enumerate(part):
-                    b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = t, start + j, 1, True
-                    b.seq_id[j][0] = sid
-                b.n_tokens = len(part)
-                if self.lib.llama_decode(self.ctx.ctx, b) != 0:
-                    raise PhikitError("llama.cpp could not evaluate the prompt for its log-probabilities")
-                for j in range(len(part)):
-                    at = start + j + 1
-                    if at < len(ids):
-                        row = log_softmax(np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx.ctx, j), shape=(self.be.vocab_size,)))
-                        out.append(self.be._logprob(ids[at], row[ids[at]], top_of(row, top)))
+            return prompt_scores(self.be, ids, top, self.step_tokens, evaluate)
         finally:
             self._drop(sid)
-        return out

@@ -202,3 +202,34 @@ def test_graph_decoder_matches_stock_loop_on_gpu(tiny128):
     qmodel = quantize_model_int4(copy.deepcopy(model))
     got = list(StaticDecoder(qmodel, 64).generate(prompt, SamplingParams(temperature=0), 16))
     assert got == _stock_tokens(dequantize_model_reference(model), prompt, 16)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_slot_batch_graphs_give_the_eager_steps_tokens_on_gpu(tiny128, quant):
+    """SlotBatch (the GPU's continuous batching) with its decode steps captured per batch size gives the tokens of the
+    same steps run eagerly, for requests of different lengths joining together; a request alone gives the stock loop's."""
+    import types
+
+    from phikit.engine.backends.slot_batch import SlotBatch
+    from phikit.engine.scheduler import Scheduler
+
+    model = copy.deepcopy(tiny128).to("cuda", torch.bfloat16)
+    if quant == "int4":
+        model = quantize_model_int4(model)
+    be = types.SimpleNamespace(model=model, device="cuda", context_length=512)
+    prompts = [[5, 17, 300, 4000, 12], list(range(100, 140)), [9, 8, 7], list(range(7, 300))]
+    greedy = SamplingParams(temperature=0)
+
+    def run(graphs: bool, batch: list[list[int]]):
+        sch = Scheduler(SlotBatch(be, 4, cuda_graphs=graphs), 4, prompt_cache=False)
+        try:
+            streams = [sch.submit(p, greedy, 16, set()) for p in batch]
+            return [list(s) for s in streams]
+        finally:
+            sch.close()
+
+    assert run(True, prompts) == run(False, prompts)
+    if quant == "none":
+        assert run(True, prompts[:1]) == [_stock_tokens(model, prompts[0], 16)]

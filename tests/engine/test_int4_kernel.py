@@ -179,6 +179,33 @@ def test_decode_attention_kernel_matches_softmax_attention_over_the_kept_slots(h
         kt.decode_attention_triton(q, k, v, mask, d ** -0.5, position=pos)
 
 
+@pytest.mark.parametrize("hq,hkv,d,length", [(24, 8, 128, 512), (4, 2, 32, 100)])
+@pytest.mark.parametrize("per_program", [16, 1024])
+def test_slot_decode_attention_reads_each_rows_own_slot_up_to_its_position(hq, hkv, d, length, per_program):
+    """The batched kernel (SlotBatch's decode step) against SDPA in float64 on each row's slot alone, and the plain
+    torch path it replaces off CUDA: rows of different lengths, two rows on one slot, a row at position 0."""
+    kt = pytest.importorskip("phikit.engine.kernels.decode_attention_triton")
+    from phikit.engine.kernels.decode_attention import slot_attention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(hq + length)
+    keys = torch.randn(5, length, hkv, d, device=dev)
+    values = torch.randn(5, length, hkv, d, device=dev)
+    slot = torch.tensor([3, 0, 3, 4], device=dev)
+    pos = torch.tensor([length - 1, 0, length // 3, 17], device=dev)
+    q = torch.randn(4, hq, 1, d, device=dev)
+    got = kt.slot_decode_attention_triton(q, keys, values, slot, pos, d ** -0.5, slots_per_program=per_program)
+    assert got.shape == (4, 1, hq, d)
+    plain = slot_attention(q.cpu(), keys.cpu(), values.cpu(), slot.cpu(), pos.cpu(), d ** -0.5, length)
+    tol = 1e-4 if dev == "cpu" else 5e-3
+    for r in range(4):
+        k = keys[slot[r], : pos[r] + 1].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)  # [Hq, n, D]
+        v = values[slot[r], : pos[r] + 1].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
+        want = torch.nn.functional.scaled_dot_product_attention(q[r].double(), k, v, scale=d ** -0.5).transpose(0, 1)
+        assert float((got[r].double() - want).abs().max()) < tol, (r, per_program)
+        assert float((plain[r].double() - want.cpu()).abs().max()) < 1e-5, r
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_decode_attention_op_in_bf16_compiles_and_captures():

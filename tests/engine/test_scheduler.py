@@ -87,7 +87,9 @@ def test_a_prompt_shares_the_prefix_of_a_request_still_running(tiny):
     assert got_a == alone(be, a_ids, params, 8) and got_b == alone(be, b_ids, params, 8)
 
 
-def test_preempted_sequences_come_back_with_the_same_tokens(tiny):
+def test_preempted_sequences_come_back_with_the_same_tokens(tiny_rows):
+    """(HFBatch; a running sequence owns its slot in SlotBatch, which never preempts: test_slots_* cover its limits.)"""
+    tiny = tiny_rows
     be = tiny.backend
     prompts = [ids_of(be, p) for p in PROMPTS[:4]]
     n = 12
@@ -101,7 +103,8 @@ def test_preempted_sequences_come_back_with_the_same_tokens(tiny):
     assert sch.stats()["preemptions"] > 0
 
 
-def test_a_request_longer_than_the_cache_fails_alone(tiny):
+def test_a_request_longer_than_the_cache_fails_alone(tiny_rows):
+    tiny = tiny_rows
     be = tiny.backend
     be.enable_batching(2, kv_tokens=64, prompt_cache=False)
     params = SamplingParams(max_tokens=6, temperature=0.0)
@@ -140,6 +143,35 @@ def test_streams_from_many_threads_equal_their_single_runs(tiny):
     [t.start() for t in threads]
     [t.join(60) for t in threads]
     assert [out[i] for i in range(len(PROMPTS))] == [single_stop[i] if i % 2 else single[i] for i in range(len(PROMPTS))]
+
+
+def test_slots_refuse_a_request_longer_than_a_slot(tiny_slots):
+    be = tiny_slots.backend
+    with pytest.raises(PhikitError, match="lower --parallel or raise --kv-tokens"):
+        be.enable_batching(2, kv_tokens=4 * 100)  # 4 slots (2 running, 2 cached) of 100 tokens: too small to be useful
+    be.enable_batching(2, kv_tokens=4 * 256, prompt_cache=False)
+    params = SamplingParams(temperature=0.0)
+    ok = be.scheduler.submit(ids_of(be, "ok"), params, 6, set())
+    with pytest.raises(PhikitError, match="holds 256 for one request.*lower --parallel"):
+        be.scheduler.submit(list(range(3, 300)), params, 6, set())
+    assert list(ok) == alone(be, ids_of(be, "ok"), params, 6)
+
+
+def test_slots_run_out_and_cached_prefixes_make_room(tiny_slots):
+    """One running sequence, two slots: every finished request stays cached until a new one needs its slot (least
+    recently used first); a returning chat takes its own prefix back; replies stay those of single runs."""
+    be = tiny_slots.backend
+    be.enable_batching(1, prompt_cache=True)
+    sch = be.scheduler
+    params = SamplingParams(temperature=0.0)
+    first = [ids_of(be, p) for p in PROMPTS[:3]]
+    got = [list(sch.submit(ids, params, 6, set())) for ids in first]  # the third evicts the first's slot
+    assert got == [alone(be, ids, params, 6) for ids in first]
+    hits = sch.stats()["cache_hit_tokens"]
+    again = first[2] + got[2] + ids_of(be, "more")[1:]  # the third chat goes on: its slot is still cached
+    assert list(sch.submit(again, params, 6, set())) == alone(be, again, params, 6)
+    assert sch.stats()["cache_hit_tokens"] - hits >= len(first[2]) + len(got[2]) - 1
+    assert len(sch.model.free) + len(sch.model.entries) == 2
 
 
 def test_scripted_backend_runs_one_at_a_time_behind_the_scheduler():

@@ -76,7 +76,8 @@ def add_arguments(p) -> None:
                         "start; 1 is one request at a time, as before batching)")
     b.add_argument("--kv-tokens", type=int, default=None, metavar="N",
                    help="KV cache size in tokens, per model, shared by its running requests and cached prompts; fixed at "
-                        "start (default: the model's context on llama.cpp, context x --parallel on transformers)")
+                        "start (default: the model's context on llama.cpp; on CUDA half the free GPU memory, in 2 x --parallel slots, half "
+                        "of them for cached prompts; context x --parallel on transformers on the CPU)")
     b.add_argument("--prompt-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of an earlier prompt that a new prompt begins with (earlier turns of a chat, a shared "
                         "system prompt); default: on when --parallel is above 1")
@@ -101,14 +102,19 @@ def add_arguments(p) -> None:
 
 
 def auto_parallel(model) -> int:
-    """--parallel's default: 4 on the CPU (llama.cpp's server runs 4 slots by default); 1 on CUDA, whose batch-1
-    fast path (static cache, CUDA graphs) is faster for one stream than the eager batched step; 1 for a remote backend,
-    which batches on its own server."""
+    """--parallel's default: 4 on the CPU (llama.cpp's server runs 4 slots by default); on CUDA, where the slot batch
+    runs the model, what half the free GPU memory holds (SlotBatch.auto_parallel: up to 64), else 1 (the eager
+    batched step is slower than the batch-1 fast path); 1 for a remote backend, which batches on its own server."""
     be = model.backend
     if be.name == "openai":
         return 1
     if be.name == "transformers" and str(getattr(be, "device", "cpu")).startswith("cuda"):
-        return 1
+        fast = getattr(be, "fast", None)
+        if fast is None or fast.disabled:
+            return 1
+        from ..engine.backends.slot_batch import SlotBatch
+
+        return SlotBatch.auto_parallel(be)
     return 4
 
 

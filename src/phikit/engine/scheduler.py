@@ -104,6 +104,7 @@ class BatchModel(ABC):
     """What a backend does for the scheduler; every call comes from the engine thread."""
 
     capacity: int  # KV cache size, in tokens, for every sequence and cached prefix together
+    seq_limit: int | None = None  # the most tokens one sequence may hold, where less than `capacity`
     step_tokens: int = 512  # tokens one forward may take
 
     @abstractmethod
@@ -189,9 +190,11 @@ class Scheduler:
     # -- what callers do (any thread) ----------------------------------------
     def submit(self, ids: list[int], params: SamplingParams, max_new: int, stops: set[int]) -> Iterator[int | Logprob]:
         """Tokens of a continuation of `ids`, as the engine thread makes them; closing the iterator frees the place."""
-        if len(ids) + max_new > self.model.capacity:
-            raise PhikitError(f"the request needs {len(ids) + max_new} tokens of KV cache but this server holds "
-                              f"{self.model.capacity}: shorten the prompt or max_tokens, or start the server with a larger --kv-tokens")
+        limit = self.model.seq_limit or self.model.capacity
+        if len(ids) + max_new > limit:
+            raise PhikitError(f"the request needs {len(ids) + max_new} tokens of KV cache but this server holds {limit} for one "
+                              "request: shorten the prompt or max_tokens, or start the server with a larger --kv-tokens"
+                              + (" or a lower --parallel" if limit < self.model.capacity else ""))
         seq = Seq(ids, params, max_new, stops)
         with self.cv:
             if self.closed:

@@ -142,7 +142,15 @@ class HFBackend(LocalBackend):
                 yield tok if want is None else self._logprob_of(raw, tok, want)
                 ids = torch.tensor([[tok]], device=self.device)
 
+    # Which BatchModel batches this model: "slots" (slot_batch.py: static slot cache, CUDA graphs), "rows" (HFBatch:
+    # eager, a left-padded DynamicCache), or "auto": slots wherever the CUDA fast path can run the model.
+    batching = "auto"
+
     def batch_model(self, parallel: int, kv_tokens: int | None):
+        if self.batching == "slots" or (self.batching == "auto" and self.fast is not None and not self.fast.disabled):
+            from .slot_batch import SlotBatch
+
+            return SlotBatch(self, parallel, kv_tokens)
         return HFBatch(self, kv_tokens or self.context_length * parallel)
 
     def generate_batch(self, message_lists: list[list[Message]], params: SamplingParams) -> list[Result]:
@@ -152,8 +160,7 @@ class HFBackend(LocalBackend):
             return super().generate_batch(message_lists, params)
         from ..scheduler import Scheduler
 
-        self.scheduler = Scheduler(HFBatch(self, self.context_length * self.max_batch), self.max_batch, prompt_cache=False,
-                                   name=self.model_name)
+        self.scheduler = Scheduler(self.batch_model(self.max_batch, None), self.max_batch, prompt_cache=False, name=self.model_name)
         try:
             return super().generate_batch(message_lists, params)
         finally:
@@ -194,6 +201,32 @@ def _byte_level_decoder() -> dict[str, int]:
     return table
 
 
+def make_sampler(be: "HFBackend", params: SamplingParams) -> tuple:
+    """A sequence's sampling state for a batch: its seeded generator and its JSON constraint (either may be None)."""
+    import torch
+
+    gen = torch.Generator(device=be.device).manual_seed(params.seed) if params.seed is not None else None
+    constraint = None
+    if params.json_schema is not None:
+        from ..constrain import hf_json_mask
+
+        constraint = hf_json_mask(be.tokenizer, params.json_schema, be.stop_ids(), be.model.config.vocab_size)
+    return gen, constraint
+
+
+def draw(be: "HFBackend", seq, logits) -> int | Logprob:
+    """The next token of a batched sequence from its logits row, as `HFBackend._generate` samples one."""
+    gen, constraint = seq.sampler
+    raw = logits
+    if constraint is not None:
+        logits = constraint.mask(logits)
+    tok = sample(logits, seq.params, gen)
+    if constraint is not None:
+        constraint.advance(tok)
+    k = seq.params.logprobs
+    return tok if k is None else be._logprob_of(raw, tok, k)
+
+
 class HFBatch(BatchModel):
     """Continuous batching on a transformers model: the decoding sequences share one left-padded
     DynamicCache and step together in one forward (an attention mask hides each row's padding and
@@ -203,7 +236,8 @@ class HFBatch(BatchModel):
     stays as a cached prefix that a later prompt beginning with the same tokens crops and reuses; a
     prompt that begins like one still running starts from a copy of that one's first tokens.
 
-    Eager forwards on any device: the CUDA fast path (static cache, CUDA graphs) stays batch 1.
+    Eager forwards on any device; on CUDA, where the fast path can run the model, SlotBatch (slot_batch.py)
+    batches instead (static slot cache, CUDA graphs).
     """
 
     def __init__(self, be: "HFBackend", capacity: int, step_tokens: int = 256):
@@ -216,18 +250,10 @@ class HFBatch(BatchModel):
         self._keys = 0
 
     def start(self, seq, reuse: bool) -> None:
-        import torch
         from transformers import DynamicCache
 
-        be, p = self.be, seq.params
         if seq.sampler is None:
-            gen = torch.Generator(device=be.device).manual_seed(p.seed) if p.seed is not None else None
-            constraint = None
-            if p.json_schema is not None:
-                from ..constrain import hf_json_mask
-
-                constraint = hf_json_mask(be.tokenizer, p.json_schema, be.stop_ids(), be.model.config.vocab_size)
-            seq.sampler = (gen, constraint)
+            seq.sampler = make_sampler(self.be, seq.params)
         cached = ((key, toks) for key, (toks, _) in self.entries.items())
         running = [*self.rows, *self.reading.values()]
         best, n, share = best_prefix(seq.tokens, cached, running) if reuse else (None, 0, None)
@@ -301,15 +327,7 @@ class HFBatch(BatchModel):
         self.rows.append(seq)
 
     def sample(self, seq, logits):
-        gen, constraint = seq.sampler
-        raw = logits
-        if constraint is not None:
-            logits = constraint.mask(logits)
-        tok = sample(logits, seq.params, gen)
-        if constraint is not None:
-            constraint.advance(tok)
-        k = seq.params.logprobs
-        return tok if k is None else self.be._logprob_of(raw, tok, k)
+        return draw(self.be, seq, logits)
 
     def finish(self, seq, keep: bool) -> None:
         from transformers import DynamicCache

@@ -78,6 +78,56 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     return out, None
 
 
+SLOTS_NAME = "phikit_slots"  # the attention implementation of the batched slot cache (backends/slot_batch.py)
+
+
+def slot_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, start: torch.Tensor,
+                   scale: float, span: int) -> torch.Tensor:
+    """Attention of R rows of C queries, each over its own slot of a slot cache, causally from its position.
+
+      q       [R, Hq, C, D]      the rows' queries (after rope); query j of row r is at position start[r] + j
+      keys    [slots, L, Hkv, D] the layer's slot cache (values alike); row r reads slot[r], positions 0..its own
+      span    how many positions of a slot to look at (>= every query's position + 1; L in a captured step)
+    returns [R, C, Hq, D], the layout transformers' attention functions return.
+
+    One query per row on CUDA with triton: `torch.ops.phikit.slot_decode_attention` (the cache is read in
+    place, each row only up to its position). Otherwise the rows' slots are gathered and SDPA runs with a
+    causal mask per row (prompt slices, CPU).
+    """
+    r, hq, c, d = q.shape
+    if c == 1 and q.is_cuda and _HAS_TRITON:
+        return torch.ops.phikit.slot_decode_attention(q, keys, values, slot, start, float(scale))
+    k = keys[slot, :span].transpose(1, 2)  # [R, Hkv, span, D]
+    v = values[slot, :span].transpose(1, 2)
+    qpos = start[:, None] + torch.arange(c, device=q.device)[None]  # [R, C]
+    mask = torch.arange(span, device=q.device)[None, None, :] <= qpos[:, :, None]  # [R, C, span]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None], scale=scale,
+                                                           enable_gqa=k.shape[1] != hq)
+    return out.transpose(1, 2)
+
+
+def slot_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                           phikit_kv=None, **kwargs):
+    """transformers attention-interface function "phikit_slots": the slot cache passed to the model call as
+    `phikit_kv` (a SlotKV) writes this layer's keys and values and attends; without one, SDPA."""
+    if phikit_kv is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return phikit_kv.attend(module.layer_idx, query, key, value, scale), None
+
+
+def register_slots() -> str:
+    """Register "phikit_slots" with transformers (no mask function: the model calls pass a 4D placeholder mask,
+    which transformers hands through untouched); returns the name."""
+    register()
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SLOTS_NAME, slot_attention_forward)
+    return SLOTS_NAME
+
+
 def register() -> str:
     """Register "phikit_decode" with transformers (attention function and its mask: SDPA's); returns the name.
 

@@ -139,3 +139,94 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
 @decode_attention.register_fake
 def _(q, k, v, mask, position, scale):
     return q.new_empty((1, 1, q.shape[1], q.shape[-1]))
+
+
+@triton.jit
+def _slot_attn_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, out_ptr, m_ptr, l_ptr, scale,
+                      stride_qr, stride_qh, stride_kslot, stride_ks, stride_kh, stride_vslot, stride_vs, stride_vh,
+                      HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                      SPLIT_S: tl.constexpr, SPLITS: tl.constexpr):
+    # The batched form of _attn_kernel: grid (rows, key/value heads, splits); row r reads its own slot, positions
+    # 0..pos[r] only (the loop stops at the row's position: a short sequence does not pay for the slot's length).
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    part = tl.program_id(2)
+    slot = tl.load(slot_ptr + r).to(tl.int64)
+    pos = tl.load(pos_ptr + r)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + r * stride_qr + (h * G + g)[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    k_base = k_ptr + slot * stride_kslot + h * stride_kh
+    v_base = v_ptr + slot * stride_vslot + h * stride_vh
+    lo = part * SPLIT_S
+    hi = tl.minimum(lo + SPLIT_S, pos + 1)
+    for s0 in range(lo, hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        keep = s <= pos
+        k = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=keep[:, None], other=0.0)
+        v = tl.load(v_base + s[:, None] * stride_vs + d[None, :], mask=keep[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale
+        qk = tl.where(keep[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    heads = r * HQ + h * G + g
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + heads[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
+    else:  # partials [R * Hq, SPLITS, D] and [R * Hq, SPLITS]; a split past the row's position leaves m = -inf, l = 0
+        rows = heads * SPLITS + part
+        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])
+        tl.store(m_ptr + rows, m_i, mask=g < G)
+        tl.store(l_ptr + rows, l_i, mask=g < G)
+
+
+def slot_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor,
+                                 scale: float, slots_per_program: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """q [R, Hq, 1, D], keys/values [slots, L, Hkv, D] (last dim contiguous), slot/pos [R] -> [R, 1, Hq, D]."""
+    r, hq, _, d = q.shape
+    length, hkv = keys.shape[1], keys.shape[2]
+    if keys.stride(3) != 1 or values.stride(3) != 1:
+        raise ValueError("slot_decode_attention_triton needs the cache's last dimension contiguous")
+    slots_per_program = slots_per_program or SLOTS_PER_PROGRAM
+    block_s = min(BLOCK_S, triton.next_power_of_2(slots_per_program))
+    splits = min(64, triton.next_power_of_2(triton.cdiv(length, slots_per_program)))
+    g = hq // hkv
+    gp = max(16, triton.next_power_of_2(g))
+    split_s = triton.cdiv(triton.cdiv(length, splits), block_s) * block_s
+    q2 = q.reshape(r, hq, d)
+    if q2.stride(2) != 1:
+        q2 = q2.contiguous()
+    out = torch.empty((r, 1, hq, d), dtype=q.dtype, device=q.device)
+    if splits == 1:
+        part_acc = m = l = out
+    else:
+        part_acc = torch.empty((r * hq * splits, d), dtype=torch.float32, device=q.device)
+        m = torch.empty((r * hq * splits,), dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+    _slot_attn_kernel[(r, hkv, splits)](q2, keys, values, slot, pos, part_acc, m, l, scale,
+                                        q2.stride(0), q2.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+                                        values.stride(0), values.stride(1), values.stride(2),
+                                        HQ=hq, G=g, GP=gp, D=d, BLOCK_S=block_s, SPLIT_S=split_s, SPLITS=splits, num_warps=num_warps)
+    if splits > 1:
+        _combine_kernel[(r * hq,)](part_acc, m, l, out, D=d, SPLITS=splits, num_warps=2)
+    return out
+
+
+@torch.library.custom_op("phikit::slot_decode_attention", mutates_args=())
+def slot_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """One query per row over that row's slot of a slot cache, positions 0..pos[row]: -> [R, 1, Hq, D]."""
+    return slot_decode_attention_triton(q, keys, values, slot, pos, scale)
+
+
+@slot_decode_attention.register_fake
+def _(q, keys, values, slot, pos, scale):
+    return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[-1]))

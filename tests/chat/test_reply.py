@@ -1,4 +1,4 @@
-"""chat.Reply: one accumulator for streams of Chunks and ToolEvents (the CLI, collect, the server's blocking routes)."""
+"""chat.Reply: one accumulator for streams of Chunks and ToolEvents (the CLI, collect, the server's routes)."""
 
 from phikit.chat import Reply, ToolEvent, collect
 from phikit.engine.types import Chunk, Logprob, Stats
@@ -16,7 +16,11 @@ def _stream():
 def test_reply_keeps_the_text_after_the_last_call_and_the_calls_in_order():
     items, run, pending, lp = _stream()
     reply = Reply()
-    assert [reply.feed(i) for i in items] == items  # feed gives each item back, for callers that print or frame it
+    deltas = [reply.feed(i) for i in items]  # what each item adds, for callers that print or frame it
+    assert [d.text for d in deltas] == ["Let me ", "check.", "", "It is ", "", "4", "."]
+    assert [d.call for d in deltas] == [None, None, run, None, pending, None, None]
+    assert [d.client_call for d in deltas] == [None, None, None, None, pending, None, None]  # the loop ran `run`
+    assert [d.logprobs for d in deltas][5] == [lp] and [d.done for d in deltas] == [None] * 6 + [items[-1]]
     assert reply.text == "4."  # text before a call belonged to that call's turn
     assert reply.events == [run, pending] and reply.calls == [pending]  # calls: only those the caller must run
     assert reply.finish_reason == "tool_calls" and reply.stats.prompt_tokens == 7 and reply.last is items[-1]

@@ -2,18 +2,36 @@
 
     reply = Reply()
     for item in model_stream:          # Chunks, and ToolEvents from the tool loop
-        reply.feed(item)               # returns the item, so a caller can print or frame it too
+        d = reply.feed(item)           # what this item adds: d.text, d.logprobs, d.call, d.done
+        ...                            # a streaming caller frames d as it comes
     reply.text, reply.calls, reply.finish_reason, reply.stats, reply.logprobs
 
 Text before a call belonged to the turn that made the call, so a ToolEvent clears the text kept so far:
-`text` is the answer after the last call. The CLI, the tool loop's `collect` and the server's blocking
-routes all drain their streams through it.
+`text` is the answer after the last call. The CLI, the tool loop's `collect` and the server's routes,
+blocking and streaming, all read their streams through it: none of them looks at the items' types.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from ..engine.types import Chunk, Logprob, Result, Stats
 from .tool_loop import ToolEvent
+
+
+@dataclass
+class Delta:
+    """What one stream item adds to a reply."""
+
+    text: str = ""
+    logprobs: list[Logprob] = field(default_factory=list)
+    call: ToolEvent | None = None  # a tool call (run by the tool loop when it has a result; else the client runs it)
+    done: Chunk | None = None  # the last chunk: finish reason and the generation's stats
+
+    @property
+    def client_call(self) -> ToolEvent | None:
+        """The call, where the client must run it."""
+        return self.call if self.call is not None and self.call.result is None else None
 
 
 class Reply:
@@ -25,17 +43,17 @@ class Reply:
         self.stats: Stats | None = None
         self.last: Chunk | None = None  # the chunk that carried the finish reason
 
-    def feed(self, item: Chunk | ToolEvent) -> Chunk | ToolEvent:
-        """Add one stream item; returns it."""
+    def feed(self, item: Chunk | ToolEvent) -> Delta:
+        """Add one stream item; returns what it added."""
         if isinstance(item, ToolEvent):
             self.events.append(item)
             self._parts.clear()
-            return item
+            return Delta(call=item)
         self._parts.append(item.text)
         self.logprobs += item.logprobs or []
         if item.finish_reason is not None:
             self.finish_reason, self.stats, self.last = item.finish_reason, item.stats, item
-        return item
+        return Delta(item.text, item.logprobs or [], done=item if item.finish_reason is not None else None)
 
     @property
     def text(self) -> str:
@@ -57,4 +75,4 @@ class Reply:
         )
 
 
-__all__ = ["Reply"]
+__all__ = ["Delta", "Reply"]

@@ -42,7 +42,7 @@ def read_stdin() -> str:
 
 
 def run(args) -> int:
-    from ..chat import DEFAULT_MAX_ROUNDS, Reply, ToolEvent, collect, finish, load_schema, stream_ask
+    from ..chat import DEFAULT_MAX_ROUNDS, Reply, collect, finish, load_schema, stream_ask
     from ..engine.types import join
     from ..tools import get_tools
 
@@ -67,15 +67,15 @@ def run(args) -> int:
     reply = Reply()
     try:
         for ev in events:
-            reply.feed(ev)
-            if isinstance(ev, ToolEvent):
-                d = ev.to_dict()
-                shown = d.get("result", d.get("error", "(not run)"))
-                print(f"[tool {d['name']}({json.dumps(d['arguments'], ensure_ascii=False)}) -> "
+            d = reply.feed(ev)
+            if d.call:
+                call = d.call.to_dict()
+                shown = call.get("result", call.get("error", "(not run)"))
+                print(f"[tool {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> "
                       f"{json.dumps(shown, ensure_ascii=False, default=str)}]", file=sys.stderr)
-                continue
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
+            if d.text:
+                sys.stdout.write(d.text)
+                sys.stdout.flush()
     finally:
         events.close()
         sys.stdout.write("\n")

@@ -105,18 +105,17 @@ async def _respond(request: Request, s: ServerState, name: str, make, shape, str
     lease, gen = await s.first_stream(request, make)
     if stream:
         async def lines() -> AsyncIterator[str]:
+            reply = Reply()
             try:
                 async for c in lease.chunks(gen):
-                    if not isinstance(c, Chunk):  # a ToolEvent
-                        calls = _ollama_calls([c])
-                        if calls:
-                            yield _line({"model": name, "created_at": _now(), **shape("", calls), "done": False})
-                        continue
-                    if c.text:
-                        yield _line({"model": name, "created_at": _now(), **shape(c.text), "done": False})
-                    if c.finish_reason is not None:
-                        s.record(c)
-                        yield _line({"model": name, "created_at": _now(), **shape(""), **_final_stats(c, t0)})
+                    d = reply.feed(c)
+                    if d.client_call:
+                        yield _line({"model": name, "created_at": _now(), **shape("", _ollama_calls([d.client_call])), "done": False})
+                    if d.text:
+                        yield _line({"model": name, "created_at": _now(), **shape(d.text), "done": False})
+                    if d.done:
+                        s.record(d.done)
+                        yield _line({"model": name, "created_at": _now(), **shape(""), **_final_stats(d.done, t0)})
             except PhikitError as e:
                 yield _line({"error": str(e)})
             except Exception as e:  # a bug: logged, and only its reference sent (the status is sent already)
@@ -126,9 +125,8 @@ async def _respond(request: Request, s: ServerState, name: str, make, shape, str
     try:
         reply = Reply()
         async for c in lease.chunks(gen, watch=True):
-            reply.feed(c)
-            if isinstance(c, Chunk) and c.finish_reason is not None:
-                s.record(c)
+            if (d := reply.feed(c)).done:
+                s.record(d.done)
     finally:
         lease.close()
     return {"model": name, "created_at": _now(), **shape(reply.text, _ollama_calls(reply.calls)),

@@ -246,9 +246,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     try:
         replies = [Reply() for _ in range(body.n)]
         async for i, c in _run_all(lease, first, makers, watch=True):
-            replies[i].feed(c)
-            if isinstance(c, Chunk) and c.finish_reason is not None:
-                usage.finish(i, c)
+            d = replies[i].feed(c)
+            if d.done:
+                usage.finish(i, d.done)
     finally:
         lease.close()
     choices = []
@@ -278,27 +278,26 @@ def _chat_top(body: ChatCompletionRequest, tools) -> int | None:
 async def _chat_events(lease: Lease, first, makers, head: dict, include_usage: bool, usage: Usage,
                        k: int | None = None) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
-    started, n_calls = set(), {}
+    replies: dict[int, Reply] = {}
 
     def event(i: int, delta: dict, finish: str | None = None, lps: list[Logprob] | None = None) -> str:
         logprobs = None if k is None or lps is None else _chat_logprobs(lps, k)
         return _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra})
 
     async for i, c in _run_all(lease, first, makers):
-        if i not in started:  # the first chunk of a choice announces the role
-            started.add(i)
+        if i not in replies:  # the first chunk of a choice announces the role
+            replies[i] = Reply()
             yield event(i, {"role": "assistant", "content": ""})
-        if not isinstance(c, Chunk):  # a ToolEvent: one delta carries a whole call
-            for call in tool_calls_of([c]):
-                k = n_calls.get(i, 0)
-                n_calls[i] = k + 1
-                yield event(i, {"tool_calls": [{"index": k, **call}]})
-            continue
-        if c.text or c.logprobs:
-            yield event(i, {"content": c.text}, lps=c.logprobs)
-        if c.finish_reason is not None:
-            usage.finish(i, c)
-            yield event(i, {}, "tool_calls" if n_calls.get(i) else c.finish_reason)
+        reply = replies[i]
+        d = reply.feed(c)
+        if d.client_call:  # one delta carries a whole call
+            for call in tool_calls_of([d.client_call]):
+                yield event(i, {"tool_calls": [{"index": len(reply.calls) - 1, **call}]})
+        if d.text or d.logprobs:
+            yield event(i, {"content": d.text}, lps=d.logprobs)
+        if d.done:
+            usage.finish(i, d.done)
+            yield event(i, {}, "tool_calls" if reply.calls else d.done.finish_reason)
 
 
 @router.post("/v1/completions", responses=error_responses(400, 404))

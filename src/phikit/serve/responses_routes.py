@@ -33,6 +33,7 @@ from pydantic import Field
 from ..engine.types import Chunk, SamplingParams
 from ..errors import PhikitError
 from .errors import ApiError, internal_error
+from ..chat.reply import Reply
 from .generation import chat_stream, check_forced_calls, check_tools, pick_tools, tool_calls_of, with_json
 from .schemas import _Body, error_responses
 from .state import ChunkStreamResponse, ServerState
@@ -271,6 +272,8 @@ class Output:
         self.seq = 0
         self.text: str | None = None  # the open message's text; None: no message is open
         self.finish, self.usage = "stop", None
+        self.reply = Reply()
+        self.done: Chunk | None = None
 
     def event(self, kind: str, **fields) -> dict:
         self.seq += 1
@@ -288,16 +291,19 @@ class Output:
                 self.event("response.in_progress", response=self.response("in_progress"))]
 
     def feed(self, c) -> list[dict]:
-        if not isinstance(c, Chunk):  # a ToolEvent: a call the client runs ends any message before it
-            calls = tool_calls_of([c])
-            return [*self._close(), *(e for call in calls for e in self._call(call))] if calls else []
-        out = self._open() if c.text and self.text is None else []
-        if c.text:
-            self.text += c.text
-            out.append(self._on_text("response.output_text.delta", delta=c.text, logprobs=[]))
-        if c.finish_reason is not None:
-            self.finish = c.finish_reason
-            s = c.stats
+        """The events one stream item makes (a Chunk or a ToolEvent, read through `Reply`); `self.done` is the
+        last chunk once it came."""
+        d = self.reply.feed(c)
+        if d.client_call:  # a call the client runs ends any message before it
+            return [*self._close(), *(e for call in tool_calls_of([d.client_call]) for e in self._call(call))]
+        out = self._open() if d.text and self.text is None else []
+        if d.text:
+            self.text += d.text
+            out.append(self._on_text("response.output_text.delta", delta=d.text, logprobs=[]))
+        if d.done:
+            self.done = d.done
+            self.finish = d.done.finish_reason
+            s = d.done.stats
             i, o = (s.prompt_tokens, s.completion_tokens) if s else (0, 0)
             self.usage = {"input_tokens": i, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}, "output_tokens": o,
                           "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": i + o}
@@ -424,18 +430,14 @@ async def create_response(body: ResponsesRequest, request: Request):
         return ChunkStreamResponse(_events(s, lease, first, out, finished), lease, "text/event-stream")
     try:
         async for c in lease.chunks(first, watch=True):
-            _count(s, c)
             out.feed(c)
+            if out.done is c:  # the last chunk: the generation's stats
+                s.record(c)
     finally:
         lease.close()
     response = out.end()[-1]["response"]
     finished(response)
     return response
-
-
-def _count(s: ServerState, c) -> None:
-    if isinstance(c, Chunk) and c.finish_reason is not None:
-        s.record(c)
 
 
 async def _events(s: ServerState, lease: Lease, first, out: Output, finished) -> AsyncIterator[str]:
@@ -444,9 +446,10 @@ async def _events(s: ServerState, lease: Lease, first, out: Output, finished) ->
         for e in out.start():
             yield _sse(e)
         async for c in chunks:
-            _count(s, c)
             for e in out.feed(c):
                 yield _sse(e)
+            if out.done is c:
+                s.record(c)
         last = out.end()
     except Exception as e:  # the status is sent already: the error travels as events
         for ev in out.failed(e):

@@ -102,7 +102,7 @@ class LocalBackend(Backend):
         if bm is None:
             bm, parallel = SerialBatch(self), 1
         self.scheduler = Scheduler(bm, parallel, prompt_cache, self.model_name)
-        self.max_batch = parallel
+        self.max_batch = parallel  # the instance's own, until `close` gives back the class's
         return self.scheduler.stats()
 
     def close(self) -> None:
@@ -111,6 +111,7 @@ class LocalBackend(Backend):
             self.scheduler.close()
             close = getattr(self.scheduler.model, "close", None)
             self.scheduler = None
+            self.__dict__.pop("max_batch", None)
             if close is not None:
                 close()
 

@@ -139,7 +139,7 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": state.name, "queue": state.worker.waiting, "active": state.worker.active,
-                "parallel": state.worker.slots, **state.engine_stats()}
+                **state.engine_stats(), "parallel": state.worker.slots}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():

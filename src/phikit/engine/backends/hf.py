@@ -155,16 +155,32 @@ class HFBackend(LocalBackend):
 
     def generate_batch(self, message_lists: list[list[Message]], params: SamplingParams) -> list[Result]:
         """Several chats together: through this backend's scheduler if it has one, else through one made for
-        the call (up to `max_batch` at a time, no prompt cache), so evaluation batches as serving does."""
+        the call (up to `max_batch` at a time, no prompt cache), so evaluation batches as serving does. The
+        BatchModel under it is kept for the next call (evaluation calls once per batch; on CUDA a SlotBatch
+        allocates its cache and captures its graphs once)."""
         if self.scheduler is not None or len(message_lists) < 2:
             return super().generate_batch(message_lists, params)
         from ..scheduler import Scheduler
 
-        self.scheduler = Scheduler(self.batch_model(self.max_batch, None), self.max_batch, prompt_cache=False, name=self.model_name)
+        if self._call_batch is None:
+            self._call_batch = self.batch_model(self.max_batch, None)
+        self.scheduler = Scheduler(self._call_batch, self.max_batch, prompt_cache=False, name=self.model_name)
+        ok = False
         try:
-            return super().generate_batch(message_lists, params)
+            out = super().generate_batch(message_lists, params)
+            ok = True
+            return out
         finally:
-            self.close()
+            sch, self.scheduler = self.scheduler, None
+            sch.close()
+            if not ok:  # sequences may still hold places in it
+                self._call_batch = None
+
+    _call_batch = None  # generate_batch's BatchModel, kept between calls
+
+    def close(self) -> None:
+        super().close()
+        self._call_batch = None
 
     def info(self) -> dict:
         m = self.model

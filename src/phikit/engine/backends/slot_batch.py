@@ -230,28 +230,31 @@ class SlotBatch(BatchModel):
 
     def _rows(self, slots: list[int], starts: list[int], lens: list[int], width: int):
         """Index tensors of a [len(slots), width] forward: slot and first position per row, where each token's
-        k/v go (padding tokens to the spare slot), positions [R, width]."""
+        k/v go (padding tokens to the spare slot), positions [R, width] (a padding token repeats its row's last
+        position: no position past the real ones, which longrope's choice of factors looks at)."""
         import torch
 
         kv, dev = self.kv, self.device
-        where = []
+        where, positions = [], []
         for slot, start, n in zip(slots, starts, lens):
             where += [slot * kv.length + start + j if j < n else kv.spare * kv.length for j in range(width)]
+            positions.append([start + min(j, n - 1) for j in range(width)])
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         start_t = torch.tensor(starts, dtype=torch.long, device=dev)
-        positions = start_t[:, None] + torch.arange(width, device=dev)[None]
-        return slot_t, start_t, torch.tensor(where, dtype=torch.long, device=dev), positions
+        return slot_t, start_t, torch.tensor(where, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev)
 
     def _prefill(self, prefill):
         import torch
 
-        width = max(len(t) for _, t in prefill)
+        # Few distinct shapes: slices padded to a multiple of 64 tokens, attention over a multiple of 256 positions
+        # (kernels that plan or tune per shape then do so a few times, not for every prompt length).
+        width = -(-max(len(t) for _, t in prefill) // 64) * 64
         slots = [s.slot for s, _ in prefill]
         starts = [s.n_kv for s, _ in prefill]
         lens = [len(t) for _, t in prefill]
         kv = self.kv
         kv.slot, kv.start, kv.where, positions = self._rows(slots, starts, lens, width)
-        kv.span = max(a + width for a in starts)
+        kv.span = min(kv.length, -(-max(a + n for a, n in zip(starts, lens)) // 256) * 256)
         ids = torch.tensor([t + [0] * (width - len(t)) for _, t in prefill], dtype=torch.long, device=self.device)
         hidden = self._hidden(ids, positions)
         done = [i for i, (s, t) in enumerate(prefill) if s.n_kv + len(t) == len(s.tokens)]

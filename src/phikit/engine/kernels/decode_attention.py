@@ -33,6 +33,8 @@ layer). Do not run it with a padding mask or shifted positions.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 NAME = "phikit_decode"  # the attention implementation name the fast path's decode graph runs under
@@ -101,9 +103,18 @@ def slot_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sl
     v = values[slot, :span].transpose(1, 2)
     qpos = start[:, None] + torch.arange(c, device=q.device)[None]  # [R, C]
     mask = torch.arange(span, device=q.device)[None, None, :] <= qpos[:, :, None]  # [R, C, span]
-    out = torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None], scale=scale,
-                                                           enable_gqa=k.shape[1] != hq)
+    with _no_cudnn() if q.is_cuda else contextlib.nullcontext():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
+                                                               scale=scale, enable_gqa=k.shape[1] != hq)
     return out.transpose(1, 2)
+
+
+def _no_cudnn():
+    """SDPA without its cuDNN backend: cuDNN builds an execution plan for every new shape (prompt slices come in
+    many), where the memory-efficient kernel takes any shape and a boolean mask as it is."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def slot_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

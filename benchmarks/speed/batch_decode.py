@@ -1,21 +1,28 @@
-"""The batched decode step on the GPU (engine/backends/slot_batch.py) by batch size, without the server.
+"""The batched decode step by batch size, in-process, without the server: what continuous batching can give.
 
-A random Phi-4-mini-shaped checkpoint (serve.py's --random-phi4-mini), bf16 or int4, loaded through phikit on
-CUDA. For each batch size B, B sequences with 128-token prompts are admitted into a SlotBatch and prefilled,
-then --steps decode steps are timed (each a replay of the captured graph for B rows, the argmax of every row
-copied to the host): ms per step and tokens/s (B tokens a step). Beside it, the batch-1 fast path
-(cuda_fast.py StaticDecoder, compiled, CUDA graph, greedy one step ahead) on the same weights: tokens/s of one
-stream, the single-stream figure the batch is measured against. The weights' bytes over the step time give
-the memory bandwidth a step uses.
+For each batch size B, B sequences with ~--prompt-tokens prompts are admitted into the backend's BatchModel
+(engine/scheduler.py: SlotBatch on CUDA, LlamaCppBatch on llama.cpp) and prefilled, then --steps decode steps
+are timed (one token of every sequence each, greedy): ms per step, tokens/s (B tokens a step) and its ratio
+to batch 1. The weights' bytes over the step time give the memory bandwidth a step uses.
+
+GPU: a random Phi-4-mini-shaped checkpoint (serve.py's --random-phi4-mini), bf16 or int4; beside it the batch-1
+fast path (cuda_fast.py StaticDecoder: compiled, CUDA graph, greedy one step ahead) on the same weights, the
+single-stream figure the batch is measured against.
+CPU: a GGUF on llama.cpp (default: the embedded SmolLM2); --requant TYPE first re-quantises it with llama.cpp's
+own quantiser (e.g. q8_0, q4_0: types whose CPU kernels have batched paths) to compare kernel families.
 
     python benchmarks/speed/batch_decode.py --random-phi4-mini /tmp/phi4mini-random [--quant none|int4]
-        [--batches 1 4 16 64] [--steps 64] [--out benchmarks/results/batch_decode_h100.jsonl]
+    python benchmarks/speed/batch_decode.py [--model M.gguf] [--requant q4_0] [--batches 1 2 4 8]
+        [--steps 64] [--out benchmarks/results/batch_decode_cpu.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,11 +31,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve.py's random ch
 from common import add_out, emit  # noqa: E402
 
 
+def requantize(src: str, kind: str) -> str:
+    """`src` (a GGUF) re-quantised to `kind` by llama.cpp's quantiser, in a temporary folder."""
+    import ctypes
+
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None)
+    if ftype is None:
+        raise SystemExit(f"unknown llama.cpp type {kind!r} (q8_0, q4_0, q4_1, q5_0, ...)")
+    out = os.path.join(tempfile.mkdtemp(prefix="phikit-requant-"), f"{Path(src).stem}.{kind}.gguf")
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.allow_requantize, p.nthread = ftype, True, os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(p)) != 0:
+        raise SystemExit(f"llama.cpp could not quantise {src} to {kind}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--random-phi4-mini", required=True, metavar="DIR")
+    ap.add_argument("--random-phi4-mini", metavar="DIR", default=None)
+    ap.add_argument("--model", default=None, help="default: the embedded GGUF (without --random-phi4-mini)")
+    ap.add_argument("--requant", default=None, metavar="TYPE", help="GGUF: re-quantise to TYPE first (q8_0, q4_0, ...)")
     ap.add_argument("--quant", default="none", choices=["none", "int4"])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 4 16 64 on CUDA, 1 2 4 8 on the CPU")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--tinygemm-max-m", type=int, default=None,
@@ -36,53 +62,81 @@ def main() -> None:
     add_out(ap)
     args = ap.parse_args()
 
-    import torch
-
     import phikit
-    from phikit.engine.backends.slot_batch import SlotBatch
     from phikit.engine.scheduler import Seq
     from phikit.engine.types import SamplingParams
-    from serve import random_phi4_mini
 
-    if not Path(args.random_phi4_mini, "config.json").exists():
-        random_phi4_mini(args.random_phi4_mini)
-    model = phikit.load(args.random_phi4_mini, backend="transformers", device="cuda", quant=args.quant)
+    cuda = bool(args.random_phi4_mini)
+    if cuda:
+        import torch
+
+        from serve import random_phi4_mini
+
+        if not Path(args.random_phi4_mini, "config.json").exists():
+            random_phi4_mini(args.random_phi4_mini)
+        model = phikit.load(args.random_phi4_mini, backend="transformers", device="cuda", quant=args.quant)
+        params = [*model.backend.model.parameters(), *model.backend.model.buffers()]
+        weights = sum(t.numel() * t.element_size() for t in params)
+        base = {"gpu": torch.cuda.get_device_name(), "quant": args.quant, "tinygemm_max_m": args.tinygemm_max_m}
+    else:
+        from phikit.models.registry import embedded_gguf
+
+        path = args.model or embedded_gguf()
+        if args.requant:
+            path = requantize(path, args.requant)
+        model = phikit.load(path, backend="llamacpp")
+        weights = os.path.getsize(path)
+        base = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "gguf": Path(path).name,
+                "requant": args.requant}
     be = model.backend
+    base.update({"backend": be.name, "prompt_tokens": args.prompt_tokens, "weights_gb": round(weights / 1e9, 3)})
     if args.tinygemm_max_m:
         from phikit.engine.kernels.int4 import Int4Linear
 
         for m in be.model.modules():
             if isinstance(m, Int4Linear):
                 m.gemv_max_m = args.tinygemm_max_m
-    weights = sum(t.numel() * t.element_size() for t in [*be.model.parameters(), *be.model.buffers()])
+    batches = args.batches or ([1, 4, 16, 64] if cuda else [1, 2, 4, 8])
     greedy = SamplingParams(temperature=0)
-    base = {"gpu": torch.cuda.get_device_name(), "quant": args.quant, "tinygemm_max_m": args.tinygemm_max_m, "prompt_tokens": args.prompt_tokens,
-            "weights_gb": round(weights / 1e9, 3)}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    # the batch-1 fast path: one stream
-    prompt = list(range(40, 40 + args.prompt_tokens))
-    for _ in range(2):
-        it = be.fast.generate(prompt, greedy, args.steps + 1)
-        next(it)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        n = sum(1 for _ in it)
-        dt = time.perf_counter() - t0
-    emit({"measure": "decode_step", "path": "cuda_fast batch 1", "batch": 1, "step_ms": round(1e3 * dt / n, 3),
-          "tokens_per_s": round(n / dt, 1), "bandwidth_tb_s": round(weights / (dt / n) / 1e12, 2), **base}, args.out)
+    def prompt(i: int) -> list[int]:
+        words = " ".join(f"w{(i * 7 + j) % 97}" for j in range(args.prompt_tokens))
+        return be.encode(words)[: args.prompt_tokens]
+
+    if cuda:  # the batch-1 fast path: one stream
+        for _ in range(2):
+            it = be.fast.generate(prompt(0), greedy, args.steps + 1)
+            next(it)
+            sync()
+            t0 = time.perf_counter()
+            n = sum(1 for _ in it)
+            dt = time.perf_counter() - t0
+        emit({"measure": "decode_step", "path": "cuda_fast batch 1", "batch": 1, "step_ms": round(1e3 * dt / n, 3),
+              "tokens_per_s": round(n / dt, 1), "bandwidth_tb_s": round(weights / (dt / n) / 1e12, 2), **base}, args.out)
 
     t0 = time.perf_counter()
-    bm = SlotBatch(be, max(args.batches), step_tokens=4096)
-    torch.cuda.synchronize()
-    base["capture_all_s"] = round(time.perf_counter() - t0, 2)  # the cache, and a graph for each batch size up to the largest
-    for b in args.batches:
-        seqs = [Seq([40 + (i + j) % 200 for j in range(args.prompt_tokens)], greedy, 10**6, set()) for i in range(b)]
+    bm = be.batch_model(max(batches), None)  # on CUDA: the cache, and a graph for each batch size up to the largest
+    sync()
+    base["batch_model"] = type(bm).__name__
+    base["setup_s"] = round(time.perf_counter() - t0, 2)
+    one = None
+    for b in batches:
+        seqs = [Seq(prompt(i), greedy, 10**6, set()) for i in range(b)]
         for s in seqs:
             bm.start(s, reuse=False)
-        outs = bm.forward([(s, s.tokens) for s in seqs])  # prefill all: one [B, prompt] forward
-        for s in seqs:
-            s.n_kv = len(s.tokens)
-            s.made.append(bm.sample(s, outs[s.id]))
+        while any(not s.made for s in seqs):  # prefill, in slices of what one forward takes, up to the first token
+            work, room = [], bm.step_tokens
+            for s in seqs:
+                if not s.made and room > 0:
+                    take = min(s.todo(), room)
+                    work.append((s, s.tokens[s.n_kv : s.n_kv + take]))
+                    room -= take
+            outs = bm.forward(work)
+            for s, toks in work:
+                s.n_kv += len(toks)
+                if s.id in outs:
+                    s.made.append(bm.sample(s, outs[s.id]))
 
         def step():
             outs = bm.forward([(s, s.tokens[-1:]) for s in seqs])
@@ -90,23 +144,23 @@ def main() -> None:
                 s.n_kv += 1
                 s.made.append(bm.sample(s, outs[s.id]))
 
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()  # the first step (its graph was captured at start)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        for _ in range(2):
+        for _ in range(3):
             step()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step()
+        sync()
         dt = (time.perf_counter() - t0) / args.steps
-        emit({"measure": "decode_step", "path": "slot_batch", "batch": b, "step_ms": round(1e3 * dt, 3),
-              "tokens_per_s": round(b / dt, 1), "bandwidth_tb_s": round(weights / dt / 1e12, 2),
-              "captured": bm.graphs.get(1 << (b - 1).bit_length()) is not None, "first_step_s": round(first, 2), **base}, args.out)
+        one = one or b / dt
+        emit({"measure": "decode_step", "path": base["batch_model"], "batch": b, "step_ms": round(1e3 * dt, 3),
+              "tokens_per_s": round(b / dt, 1), "over_batch_1": round(b / dt / one, 2),
+              "bandwidth_tb_s": round(weights / dt / 1e12, 4), **base}, args.out)
         for s in seqs:
             bm.finish(s, keep=False)
+    close = getattr(bm, "close", None)
+    if close:
+        close()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,22 @@ def test_batch_matches_one_by_one(tiny):
     assert sum(len(r.text) for r in batched) > 20
 
 
+def test_generate_batch_keeps_its_batch_model_between_calls(tiny):
+    """Evaluation calls generate_batch once per batch: the BatchModel (on CUDA a SlotBatch: its cache and graphs) is
+    made once, every call's sequences leave it, and closing the backend drops it."""
+    be = tiny.backend
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    first = tiny.generate_batch(PROMPTS[:3], params)
+    bm = be._call_batch
+    assert bm is not None and be.scheduler is None  # no engine thread left behind: single calls stay plain
+    second = tiny.generate_batch(PROMPTS[:3], params)
+    assert be._call_batch is bm and [r.text for r in second] == [r.text for r in first]
+    if be.batching == "slots":
+        assert len(bm.free) == len(bm.kv.keys[0]) - 1 and not bm.entries  # every slot back (no prompt cache here)
+    be.close()
+    assert be._call_batch is None
+
+
 def test_batch_token_ids_match_the_stream_loop(tiny):
     """The scheduler's token ids, all prompts submitted at once, are the plain loop's (no stop ids: 10 each)."""
     from phikit.engine.scheduler import Scheduler

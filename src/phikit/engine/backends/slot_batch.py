@@ -137,6 +137,7 @@ class SlotBatch(BatchModel):
         self.graphs: dict[int, object] = {}  # batch size -> (graph, logits) or None where capture failed
         # The decode step's inputs at fixed addresses: token, slot, position of each row; and where its k/v go.
         self.buffers = self._where = None
+        self._host = self._ready = None  # pinned host buffer for the rows' argmax, and the event it waits on
         self._head = self.model.get_output_embeddings()
         self._base = self.model.base_model
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
@@ -221,12 +222,29 @@ class SlotBatch(BatchModel):
         with torch.inference_mode():
             if decode:
                 logits = self._decode([s.slot for s, _ in decode], [s.n_kv for s, _ in decode], [t[0] for _, t in decode])
-                greedy = logits.argmax(-1).tolist()
+                greedy = self._argmax(logits)
                 for i, (s, _) in enumerate(decode):
                     outs[s.id] = (logits[i], greedy[i])
             if prefill:
                 outs.update(self._prefill(prefill))
         return outs
+
+    def _argmax(self, logits) -> list[int]:
+        """Each row's argmax on the host. On CUDA the engine thread waits for the step on an event, which lets go of
+        the interpreter lock meanwhile, so the requests' threads stream the last step's tokens while the GPU runs."""
+        import torch
+
+        idx = logits.argmax(-1)
+        if self.device.type != "cuda":
+            return idx.tolist()
+        if self._host is None or self._host.numel() < idx.numel():
+            self._host = torch.empty((max(256, idx.numel()),), dtype=torch.long, pin_memory=True)
+            self._ready = torch.cuda.Event()
+        host = self._host[: idx.numel()]
+        host.copy_(idx, non_blocking=True)
+        self._ready.record(torch.cuda.current_stream(self.device))
+        self._ready.synchronize()
+        return host.tolist()
 
     def _rows(self, slots: list[int], starts: list[int], lens: list[int], width: int):
         """Index tensors of a [len(slots), width] forward: slot and first position per row, where each token's
@@ -262,7 +280,7 @@ class SlotBatch(BatchModel):
             return {}
         last = hidden[done, [lens[i] - 1 for i in done]]
         logits = self._head(last)
-        greedy = logits.argmax(-1).tolist()
+        greedy = self._argmax(logits)
         return {prefill[i][0].id: (logits[k], greedy[k]) for k, i in enumerate(done)}
 
     def _decode(self, slots: list[int], positions: list[int], tokens: list[int]):

@@ -109,8 +109,7 @@ def auto_parallel(model) -> int:
     if be.name == "openai":
         return 1
     if be.name == "transformers" and str(getattr(be, "device", "cpu")).startswith("cuda"):
-        fast = getattr(be, "fast", None)
-        if fast is None or fast.disabled:
+        if not be.batches_on_slots():
             return 1
         from ..engine.backends.slot_batch import SlotBatch
 

@@ -118,24 +118,10 @@ class StaticDecoder:
                 if self.chunk:
                     self._chunk_graph, self._chunk_logits = self._capture(self._chunk_fn, self._chunk_ids, self._last)
 
-    @contextlib.contextmanager
     def _attn(self):
-        """Run the model under `self.attention` (the config is the model's own, so set it only for our calls).
-
-        The captured graphs keep the attention they were captured with; the switch matters for the
-        capture and the eager calls. A stock-loop request on another thread during those calls would
-        also see it: its decode steps would then run the same attention function (same maths).
-        """
-        cfg = self.model.config
-        old = cfg._attn_implementation
-        if self.attention is None or old == self.attention:
-            yield
-            return
-        cfg._attn_implementation = self.attention
-        try:
-            yield
-        finally:
-            cfg._attn_implementation = old
+        """Run the model under `self.attention` (see `attention_of`). The captured graphs keep the attention they
+        were captured with; the switch matters for the capture and the eager calls."""
+        return attention_of(self.model, self.attention)
 
     def _step(self, ids):
         # Positions come from the cache's own device-side length counter (transformers >= 5), so the
@@ -170,20 +156,8 @@ class StaticDecoder:
             self._length.add_(n)
 
     def _capture(self, fn, *args):
-        import torch
-
-        # Warm up (compile, autotune, allocator) on a side stream, as graph capture requires; the
-        # steps advance the cache, which every prefill resets.
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn(*args)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn(*args)
-        return graph, out
+        # the steps advance the cache, which every prefill resets
+        return capture_graph(self.device, fn, *args)
 
     def _prefill(self, prompt_ids: list[int]):
         with self._attn():
@@ -281,6 +255,41 @@ class StaticDecoder:
             if self._events:
                 self._events[i % 2].synchronize()
             yield int(self._host_ids[i % 2])
+
+
+@contextlib.contextmanager
+def attention_of(model, name: str | None):
+    """Run `model` under the transformers attention implementation `name` (None: its own) for the calls inside.
+
+    The config is the model's own, so it is set only for these calls: a stock-loop request on another thread
+    meanwhile would also see it (its steps would then run the same attention function: the same maths)."""
+    cfg = model.config
+    old = cfg._attn_implementation
+    if name is None or old == name:
+        yield
+        return
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
+def capture_graph(device, fn, *args, warmup: int = 3):
+    """`fn(*args)` captured in a CUDA graph: (graph, its output). Warmed up first (compile, autotune, allocator) on
+    a side stream, as capture requires; `fn` must write only what a replay may overwrite."""
+    import torch
+
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(*args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*args)
+    return graph, out
 
 
 def _share_length_counter(cache):

@@ -146,8 +146,12 @@ class HFBackend(LocalBackend):
     # eager, a left-padded DynamicCache), or "auto": slots wherever the CUDA fast path can run the model.
     batching = "auto"
 
+    def batches_on_slots(self) -> bool:
+        """Whether `batch_model` gives a SlotBatch."""
+        return self.batching == "slots" or (self.batching == "auto" and self.fast is not None and not self.fast.disabled)
+
     def batch_model(self, parallel: int, kv_tokens: int | None):
-        if self.batching == "slots" or (self.batching == "auto" and self.fast is not None and not self.fast.disabled):
+        if self.batches_on_slots():
             from .slot_batch import SlotBatch
 
             return SlotBatch(self, parallel, kv_tokens)
@@ -165,16 +169,14 @@ class HFBackend(LocalBackend):
         if self._call_batch is None:
             self._call_batch = self.batch_model(self.max_batch, None)
         self.scheduler = Scheduler(self._call_batch, self.max_batch, prompt_cache=False, name=self.model_name)
-        ok = False
         try:
-            out = super().generate_batch(message_lists, params)
-            ok = True
-            return out
+            return super().generate_batch(message_lists, params)
+        except BaseException:
+            self._call_batch = None  # sequences may still hold places in it
+            raise
         finally:
             sch, self.scheduler = self.scheduler, None
             sch.close()
-            if not ok:  # sequences may still hold places in it
-                self._call_batch = None
 
     _call_batch = None  # generate_batch's BatchModel, kept between calls
 

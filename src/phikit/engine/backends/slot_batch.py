@@ -15,7 +15,7 @@ joins or leaves. Here, as in the batch-1 fast path (cuda_fast.py):
   function of ours ("phikit_slots", `kernels.decode_attention.slot_attention_forward`): it writes
   the step's keys and values into each row's slot at each row's positions, then attends over that
   slot up to each row's position. One decode step = one [rows, 1] forward, whatever the lengths.
-- On CUDA the decode step for 1, 2, 4, ... rows is captured once in a CUDA graph (on first use): a step
+- On CUDA the decode step for 1, 2, 4, ... rows is captured once in a CUDA graph (at construction): a step
   fills three small index buffers and replays; rows past the running count are padding pointed at the
   spare slot.
 - Prompts are read in slices (`step_tokens` per step, shared by all prompts of the step) by an eager
@@ -29,13 +29,25 @@ Off CUDA (tests on the CPU) the same code runs eagerly with the attention in pla
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 from ...errors import PhikitError
 from ..scheduler import BatchModel, best_prefix
+from .cuda_fast import attention_of, capture_graph
 
 MIN_LENGTH = 256  # the shortest slot this path accepts (tokens)
+
+
+def _layout(model):
+    """(layers, kv heads, head dim, dtype) of a model's KV cache: the dtype of its floating weights, else bf16."""
+    import torch
+
+    cfg = model.config
+    p = next(model.parameters())
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = p.dtype if p.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    return cfg.num_hidden_layers, kv_heads, head_dim, dtype
 
 
 class SlotKV:
@@ -45,15 +57,12 @@ class SlotKV:
     def __init__(self, model, slots: int, length: int):
         import torch
 
-        cfg = model.config
-        p = next(model.parameters())
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layers, kv_heads, head_dim, dtype = _layout(model)
         shape = (slots + 1, length, kv_heads, head_dim)
-        dtype = p.dtype if p.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
-        self.keys = [torch.zeros(shape, dtype=dtype, device=p.device) for _ in range(cfg.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=p.device) for _ in range(cfg.num_hidden_layers)]
-        self.slots, self.length, self.spare = slots, length, slots  # the spare slot: padding rows write there
+        dev = next(model.parameters()).device
+        self.keys = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(layers)]
+        self.length, self.spare = length, slots  # the spare slot: padding rows write there
         # The forward in flight: each row's slot [R], the position of its first token [R], where each of its
         # tokens goes in the flattened [slots + 1 * length] cache [R * C], and how many positions attention
         # needs to look at (eager calls; a captured decode step looks at `length`, bounded per row by position).
@@ -62,12 +71,8 @@ class SlotKV:
 
     @staticmethod
     def bytes_per_token(model) -> int:
-        cfg = model.config
-        p = next(model.parameters())
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        size = p.element_size() if p.is_floating_point() else 2
-        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * size
+        layers, kv_heads, head_dim, dtype = _layout(model)
+        return 2 * layers * kv_heads * head_dim * dtype.itemsize
 
     def attend(self, layer: int, q, k, v, scale: float):
         """Write this step's k/v [R, Hkv, C, D] into the rows' slots, attend q [R, Hq, C, D]; -> [R, C, Hq, D]."""
@@ -135,8 +140,11 @@ class SlotBatch(BatchModel):
         self._running: list = []  # the Seqs holding a slot
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs: dict[int, object] = {}  # batch size -> (graph, logits) or None where capture failed
-        # The decode step's inputs at fixed addresses: token, slot, position of each row; and where its k/v go.
-        self.buffers = self._where = None
+        # The decode step's inputs at fixed addresses, for up to `parallel` rows padded to a power of two: token, slot,
+        # position of each row; and where its k/v go.
+        rows = 1 << (parallel - 1).bit_length()
+        self.buffers = torch.zeros((3, rows), dtype=torch.long, device=self.device)
+        self._where = torch.zeros((rows,), dtype=torch.long, device=self.device)
         self._host = self._ready = None  # pinned host buffer for the rows' argmax, and the event it waits on
         self._head = self.model.get_output_embeddings()
         self._base = self.model.base_model
@@ -147,7 +155,7 @@ class SlotBatch(BatchModel):
         # the batch size; not understood yet, see docs/serve.md.)
         if self.cuda_graphs:
             size = 1
-            while size <= parallel:
+            while size <= rows:
                 self._graph(size)
                 size *= 2
 
@@ -197,19 +205,9 @@ class SlotBatch(BatchModel):
         return True
 
     # -- steps ------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _attn(self):
-        cfg = self.model.config
-        old = cfg._attn_implementation
-        cfg._attn_implementation = self.attention
-        try:
-            yield
-        finally:
-            cfg._attn_implementation = old
-
     def _hidden(self, ids, positions):
         """The base model's last hidden states [R, C, H] for ids [R, C] at positions [R, C], through self.kv."""
-        with self._attn():
+        with attention_of(self.model, self.attention):
             return self._base(input_ids=ids, position_ids=positions, attention_mask=self._no_mask, use_cache=False,
                               phikit_kv=self.kv).last_hidden_state
 
@@ -295,8 +293,7 @@ class SlotBatch(BatchModel):
         graph = self._graph(size)
         self.buffers[:, :size].copy_(host)
         if graph is None:  # off CUDA, or the capture failed for this size: the same step, eager
-            with torch.inference_mode():
-                return self._decode_step(size)[:r]
+            return self._decode_step(size)[:r]
         graph[0].replay()
         return graph[1][:r]
 
@@ -313,13 +310,9 @@ class SlotBatch(BatchModel):
         return self._head(self._hidden(ids, pos[:, None])[:, -1])
 
     def _graph(self, size: int):
-        """The captured decode step for `size` rows, captured on first use; None off CUDA or where capture failed."""
+        """The captured decode step for `size` rows (all captured at construction); None off CUDA or where capture failed."""
         import torch
 
-        if self.buffers is None or self.buffers.shape[1] < size:
-            self.buffers = torch.zeros((3, size), dtype=torch.long, device=self.device)
-            self._where = torch.zeros((size,), dtype=torch.long, device=self.device)
-            self.graphs.clear()  # they read the old buffers
         if not self.cuda_graphs:
             return None
         if size in self.graphs:
@@ -330,16 +323,7 @@ class SlotBatch(BatchModel):
         self.buffers[2].zero_()
         try:
             with torch.inference_mode():
-                side = torch.cuda.Stream(device=self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # warm up (allocator, the kernels' first launches) off the capture
-                        self._decode_step(size)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    logits = self._decode_step(size)
-            self.graphs[size] = (graph, logits)
+                self.graphs[size] = capture_graph(self.device, self._decode_step, size, warmup=2)
         except Exception as e:  # a model whose forward cannot be captured: its steps run eagerly
             warnings.warn(f"phikit: the batched decode step for {size} rows was not captured in a CUDA graph and runs eagerly "
                           f"({type(e).__name__}: {str(e)[:300]})")

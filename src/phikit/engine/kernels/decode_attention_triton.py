@@ -28,6 +28,33 @@ BLOCK_S = 64
 
 
 @triton.jit
+def _online_softmax_block(q, k, v, keep, scale, m_i, l_i, acc):
+    """One block of keys/values into the running (max, sum, weighted values) of an online softmax, in fp32."""
+    qk = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_S]
+    qk = tl.where(keep[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: no NaN from -inf - -inf
+    p = tl.exp(qk - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store(acc, m_i, l_i, heads, real, d, part, out_ptr, m_ptr, l_ptr, D: tl.constexpr, SPLITS: tl.constexpr):
+    """With one split, the output rows `heads`; else this split's partials of them (combined by _combine_kernel)."""
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + heads[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+    else:
+        rows = heads * SPLITS + part
+        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc, mask=real[:, None])
+        tl.store(m_ptr + rows, m_i, mask=real)
+        tl.store(l_ptr + rows, l_i, mask=real)
+
+
+@triton.jit
 def _attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, out_ptr, m_ptr, l_ptr, scale, S,
                  stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -51,23 +78,9 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, out_ptr, m_ptr, l_ptr, 
             keep = (tl.load(mask_ptr + s, mask=inside, other=0) != 0) & inside
         k = tl.load(k_ptr + h * stride_kh + s[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
         v = tl.load(v_ptr + h * stride_vh + s[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_S], fp32
-        qk = tl.where(keep[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: no NaN from -inf - -inf
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-    if SPLITS == 1:
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + (h * G + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
-    else:  # partials of the real query heads only, [Hq, SPLITS, D] and [Hq, SPLITS]
-        rows = (h * G + g) * SPLITS + part
-        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])
-        tl.store(m_ptr + rows, m_i, mask=g < G)
-        tl.store(l_ptr + rows, l_i, mask=g < G)
+        m_i, l_i, acc = _online_softmax_block(q, k, v, keep, scale, m_i, l_i, acc)
+    # the real query heads only: the output [Hq, D], or partials [Hq, SPLITS, D] and [Hq, SPLITS]
+    _store(acc, m_i, l_i, h * G + g, g < G, d, part, out_ptr, m_ptr, l_ptr, D, SPLITS)
 
 
 @triton.jit
@@ -86,6 +99,29 @@ def _combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.
     tl.store(out_ptr + hq * D + d, out.to(out_ptr.dtype.element_ty))
 
 
+def _plan(s: int, hq: int, hkv: int, slots_per_program: int | None, block_s: int | None) -> tuple[int, int, int, int, int]:
+    """How the cache of `s` slots is walked: (BLOCK_S, splits, slots per split, query heads per key/value head,
+    that rounded up to a tl.dot tile). About `slots_per_program` slots per program, at most 64 splits (a power of
+    two for the combine kernel); `slots_per_program >= s` gives one program per head, no combine."""
+    slots_per_program = slots_per_program or SLOTS_PER_PROGRAM
+    block_s = min(block_s or BLOCK_S, triton.next_power_of_2(slots_per_program))
+    splits = min(64, triton.next_power_of_2(triton.cdiv(s, slots_per_program)))
+    g = hq // hkv
+    gp = max(16, triton.next_power_of_2(g))  # tl.dot wants >= 16 rows
+    split_s = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
+    return block_s, splits, split_s, g, gp
+
+
+def _partials(out: torch.Tensor, heads: int, d: int, splits: int):
+    """Where the attention kernels write (values, max, sum) for `heads` query heads: with one split the output itself
+    (m and l are not touched), else fp32 partials for the combine kernel."""
+    if splits == 1:
+        return out, out, out
+    acc = torch.empty((heads * splits, d), dtype=torch.float32, device=out.device)
+    m = torch.empty((heads * splits,), dtype=torch.float32, device=out.device)
+    return acc, m, torch.empty_like(m)
+
+
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                             slots_per_program: int | None = None, block_s: int | None = None,
                             num_warps: int = 4, position: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,12 +136,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     hkv, s = k.shape[1], k.shape[2]
     if k.stride(3) != 1 or v.stride(3) != 1:
         raise ValueError("decode_attention_triton needs the cache's last dimension contiguous")
-    slots_per_program = slots_per_program or SLOTS_PER_PROGRAM
-    block_s = min(block_s or BLOCK_S, triton.next_power_of_2(slots_per_program))
-    splits = min(64, triton.next_power_of_2(triton.cdiv(s, slots_per_program)))
-    g = hq // hkv
-    gp = max(16, triton.next_power_of_2(g))  # tl.dot wants >= 16 rows
-    split_s = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
+    block_s, splits, split_s, g, gp = _plan(s, hq, hkv, slots_per_program, block_s)
     q2 = q.reshape(hq, d)
     if q2.stride(1) != 1:
         q2 = q2.contiguous()
@@ -113,12 +144,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         raise ValueError("decode_attention_triton takes a mask or a position, exactly one")
     maskb = mask.reshape(s).view(torch.uint8) if mask is not None else position
     out = torch.empty((1, 1, hq, d), dtype=q.dtype, device=q.device)
-    if splits == 1:
-        part_acc = m = l = out  # the kernel writes the output directly; m and l are not touched
-    else:
-        part_acc = torch.empty((hq * splits, d), dtype=torch.float32, device=q.device)
-        m = torch.empty((hq * splits,), dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
+    part_acc, m, l = _partials(out, hq, d, splits)
     _attn_kernel[(hkv, splits)](q2, k, v, maskb, position if position is not None else maskb, part_acc, m, l, scale, s,
                                 q2.stride(0), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
                                 G=g, GP=gp, D=d, BLOCK_S=block_s, SPLIT_S=split_s, SPLITS=splits, USE_POS=position is not None,
@@ -168,24 +194,10 @@ def _slot_attn_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, out_ptr, m_ptr, l_
         keep = s <= pos
         k = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=keep[:, None], other=0.0)
         v = tl.load(v_base + s[:, None] * stride_vs + d[None, :], mask=keep[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale
-        qk = tl.where(keep[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-    heads = r * HQ + h * G + g
-    if SPLITS == 1:
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + heads[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
-    else:  # partials [R * Hq, SPLITS, D] and [R * Hq, SPLITS]; a split past the row's position leaves m = -inf, l = 0
-        rows = heads * SPLITS + part
-        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])
-        tl.store(m_ptr + rows, m_i, mask=g < G)
-        tl.store(l_ptr + rows, l_i, mask=g < G)
+        m_i, l_i, acc = _online_softmax_block(q, k, v, keep, scale, m_i, l_i, acc)
+    # the output [R * Hq, D], or partials [R * Hq, SPLITS, D] and [R * Hq, SPLITS]; a split past the row's position
+    # leaves m = -inf, l = 0
+    _store(acc, m_i, l_i, r * HQ + h * G + g, g < G, d, part, out_ptr, m_ptr, l_ptr, D, SPLITS)
 
 
 def slot_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor,
@@ -195,22 +207,12 @@ def slot_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: to
     length, hkv = keys.shape[1], keys.shape[2]
     if keys.stride(3) != 1 or values.stride(3) != 1:
         raise ValueError("slot_decode_attention_triton needs the cache's last dimension contiguous")
-    slots_per_program = slots_per_program or SLOTS_PER_PROGRAM
-    block_s = min(BLOCK_S, triton.next_power_of_2(slots_per_program))
-    splits = min(64, triton.next_power_of_2(triton.cdiv(length, slots_per_program)))
-    g = hq // hkv
-    gp = max(16, triton.next_power_of_2(g))
-    split_s = triton.cdiv(triton.cdiv(length, splits), block_s) * block_s
+    block_s, splits, split_s, g, gp = _plan(length, hq, hkv, slots_per_program, None)
     q2 = q.reshape(r, hq, d)
     if q2.stride(2) != 1:
         q2 = q2.contiguous()
     out = torch.empty((r, 1, hq, d), dtype=q.dtype, device=q.device)
-    if splits == 1:
-        part_acc = m = l = out
-    else:
-        part_acc = torch.empty((r * hq * splits, d), dtype=torch.float32, device=q.device)
-        m = torch.empty((r * hq * splits,), dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
+    part_acc, m, l = _partials(out, r * hq, d, splits)
     _slot_attn_kernel[(r, hkv, splits)](q2, keys, values, slot, pos, part_acc, m, l, scale,
                                         q2.stride(0), q2.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
                                         values.stride(0), values.stride(1), values.stride(2),

@@ -2,7 +2,7 @@
 
 For each batch size B, B sequences with ~--prompt-tokens prompts are admitted into the backend's BatchModel
 (engine/scheduler.py: SlotBatch on CUDA, LlamaCppBatch on llama.cpp) and prefilled, then --steps decode steps
-are timed (one token of every sequence each, greedy): ms per step, tokens/s (B tokens a step) and its ratio
+are timed (one token of every sequence each; greedy, and with --sampled every row sampled too): ms per step, tokens/s (B tokens a step) and its ratio
 to batch 1. The weights' bytes over the step time give the memory bandwidth a step uses.
 
 GPU: a random Phi-4-mini-shaped checkpoint (serve.py's --random-phi4-mini), bf16 or int4; beside it the batch-1
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 4 16 64 on CUDA, 1 2 4 8 on the CPU")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--sampled", action="store_true",
+                    help="also time each batch size with every row sampling (temperature 0.7, a seed per row), as serve.py's clients do")
     ap.add_argument("--tinygemm-max-m", type=int, default=None,
                     help="int4: rows up to which Int4Linear runs tinygemm (default: its own; above, dequantise + cuBLAS)")
     add_out(ap)
@@ -119,10 +121,12 @@ def main() -> None:
     bm = be.batch_model(max(batches), None)  # on CUDA: the cache, and a graph for each batch size up to the largest
     sync()
     base["batch_model"] = type(bm).__name__
+    base["compiled"] = getattr(bm, "compile", False)
     base["setup_s"] = round(time.perf_counter() - t0, 2)
-    one = None
-    for b in batches:
-        seqs = [Seq(prompt(i), greedy, 10**6, set()) for i in range(b)]
+    one = {}
+    for b, how in [(b, how) for b in batches for how in (["greedy", "sampled"] if args.sampled else ["greedy"])]:
+        params = [greedy if how == "greedy" else SamplingParams(temperature=0.7, seed=i) for i in range(b)]
+        seqs = [Seq(prompt(i), params[i], 10**6, set()) for i in range(b)]
         for s in seqs:
             bm.start(s, reuse=False)
         while any(not s.made for s in seqs):  # prefill, in slices of what one forward takes, up to the first token
@@ -152,9 +156,9 @@ def main() -> None:
             step()
         sync()
         dt = (time.perf_counter() - t0) / args.steps
-        one = one or b / dt
-        emit({"measure": "decode_step", "path": base["batch_model"], "batch": b, "step_ms": round(1e3 * dt, 3),
-              "tokens_per_s": round(b / dt, 1), "over_batch_1": round(b / dt / one, 2),
+        one.setdefault(how, b / dt)
+        emit({"measure": "decode_step", "path": base["batch_model"], "sampling": how, "batch": b, "step_ms": round(1e3 * dt, 3),
+              "tokens_per_s": round(b / dt, 1), "over_batch_1": round(b / dt / one[how], 2),
               "bandwidth_tb_s": round(weights / dt / 1e12, 4), **base}, args.out)
         for s in seqs:
             bm.finish(s, keep=False)

@@ -174,6 +174,40 @@ def test_slots_run_out_and_cached_prefixes_make_room(tiny_slots):
     assert len(sch.model.free) + len(sch.model.entries) == 2
 
 
+def test_compiled_slot_step_writes_the_cache_in_place_and_compiles_twice(tiny_dirs):
+    """The GPU's decode step through torch.compile (here on the CPU, without graphs): the same logits and cache as the
+    eager step for 1, 2, 4 and 3 rows; two compiled graphs (rows 1, then any number: automatic dynamic shapes);
+    and no buffer the size of a layer's cache in the compiled code: each layer's write stays in place (the pair
+    index_copy_ + attention operator had been compiled into a copy of the whole cache per layer and step)."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    from phikit.engine.backends.slot_batch import SlotBatch
+
+    m = phikit.load(str(tiny_dirs["phi4-mini"]), backend="transformers", device="cpu")
+    eager = SlotBatch(m.backend, 4, kv_tokens=8 * 256)
+    compiled = SlotBatch(m.backend, 4, kv_tokens=8 * 256, compile=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    steps = [([0], [3], [5]), ([0, 1], [4, 0], [6, 7]), ([0, 1, 2, 3], [5, 1, 9, 2], [8, 9, 10, 11]), ([3, 1, 2], [3, 2, 10], [1, 2, 3])]
+    with torch.inference_mode():
+        for i, (slots, positions, tokens) in enumerate(steps):
+            want = eager._decode(slots, positions, tokens)
+            if i == 0:
+                got, code = run_and_get_code(compiled._decode, slots, positions, tokens)
+            else:
+                got = compiled._decode(slots, positions, tokens)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager.kv.keys + eager.kv.values, compiled.kv.keys + compiled.kv.values):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    shape = ", ".join(map(str, compiled.kv.keys[0].shape))
+    assert "slot_write_attention" in "".join(code)
+    allocations = [line for line in "".join(code).splitlines() if "empty_strided" in line]
+    assert allocations and not [line for line in allocations if f"(({shape})" in line]  # a buffer shaped like the cache
+    torch._dynamo.reset()
+
+
 def test_scripted_backend_runs_one_at_a_time_behind_the_scheduler():
     from tiny import scripted_model
 

@@ -15,9 +15,12 @@ joins or leaves. Here, as in the batch-1 fast path (cuda_fast.py):
   function of ours ("phikit_slots", `kernels.decode_attention.slot_attention_forward`): it writes
   the step's keys and values into each row's slot at each row's positions, then attends over that
   slot up to each row's position. One decode step = one [rows, 1] forward, whatever the lengths.
-- On CUDA the decode step for 1, 2, 4, ... rows is captured once in a CUDA graph (at construction): a step
-  fills three small index buffers and replays; rows past the running count are padding pointed at the
-  spare slot.
+- On CUDA the decode step for 1, 2, 4, ... rows runs through torch.compile and is captured once in a CUDA
+  graph (at construction): a step fills three small index buffers and replays; rows past the running count
+  are padding pointed at the spare slot. Each layer's cache write and attention is one custom operator
+  (`kernels.decode_attention.slot_write_attention`), which keeps the compiled write in place.
+- Sampling: every row that needs no JSON constraint or log-probabilities is drawn in one batched call
+  (`sampling.sample_rows`) and the tokens reach the host in one copy.
 - Prompts are read in slices (`step_tokens` per step, shared by all prompts of the step) by an eager
   [prompts, slice] forward, between the decode steps, so a long prompt never stalls the streams.
 - Prompt cache: a finished sequence's slot stays as a cached prefix; a prompt that begins with it
@@ -76,14 +79,14 @@ class SlotKV:
 
     def attend(self, layer: int, q, k, v, scale: float):
         """Write this step's k/v [R, Hkv, C, D] into the rows' slots, attend q [R, Hq, C, D]; -> [R, C, Hq, D]."""
-        from ..kernels.decode_attention import slot_attention
+        from ..kernels.decode_attention import slot_write_attention
 
         keys, values = self.keys[layer], self.values[layer]
-        flat_k = keys.view(-1, *keys.shape[2:])
-        flat_v = values.view(-1, *values.shape[2:])
-        flat_k.index_copy_(0, self.where, k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[-1]).to(keys.dtype))
-        flat_v.index_copy_(0, self.where, v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1]).to(values.dtype))
-        return slot_attention(q, keys, values, self.slot, self.start, scale, self.span)
+
+        def rows(t):  # [R, Hkv, C, D] -> [R * C, Hkv, D], the order of `where`
+            return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[-1]).to(keys.dtype)
+
+        return slot_write_attention(q, rows(k), rows(v), keys, values, self.where, self.slot, self.start, scale, self.span)
 
     def copy(self, src: int, dst: int, n: int) -> None:
         """The first n positions of slot `src` into slot `dst` (a prompt that begins like a running sequence)."""
@@ -107,7 +110,8 @@ class SlotBatch(BatchModel):
             n //= 2
         return n
 
-    def __init__(self, be, parallel: int, kv_tokens: int | None = None, step_tokens: int = 512, cuda_graphs: bool | None = None):
+    def __init__(self, be, parallel: int, kv_tokens: int | None = None, step_tokens: int = 512, cuda_graphs: bool | None = None,
+                 compile: bool | None = None):
         import torch
 
         from ..kernels import decode_attention
@@ -140,19 +144,25 @@ class SlotBatch(BatchModel):
         self._running: list = []  # the Seqs holding a slot
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs: dict[int, object] = {}  # batch size -> (graph, logits) or None where capture failed
+        # The decode step's forward through torch.compile (fuses the small element-wise kernels between the matrix
+        # products: on the H100 the eager captured step took 5.6 ms at one row where the compiled batch-1 fast path
+        # took 3.7). Batch sizes 1 and 2 compile, later sizes reuse the second graph: torch.compile's automatic
+        # dynamic shapes make the rows dimension symbolic once it has seen two sizes.
+        self.compile = self.cuda_graphs if compile is None else compile
+        self._logits_fn = self._last_logits
+        if self.compile:
+            self._logits_fn = torch.compile(self._last_logits, fullgraph=True, options={"combo_kernels": True})
         # The decode step's inputs at fixed addresses, for up to `parallel` rows padded to a power of two: token, slot,
         # position of each row; and where its k/v go.
         rows = 1 << (parallel - 1).bit_length()
         self.buffers = torch.zeros((3, rows), dtype=torch.long, device=self.device)
         self._where = torch.zeros((rows,), dtype=torch.long, device=self.device)
-        self._host = self._ready = None  # pinned host buffer for the rows' argmax, and the event it waits on
+        self._host = self._ready = None  # pinned host buffer for the rows' tokens, and the event it waits on
         self._head = self.model.get_output_embeddings()
         self._base = self.model.base_model
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         # Capture the decode step for every batch size up to `parallel` now (about a second each on the H100), as
         # vLLM does at start, rather than stall the first requests that make a batch of a new size.
-        # (The step is captured eagerly: through torch.compile it took 52 ms on the H100 against 5.6 eager, whatever
-        # the batch size; not understood yet, see docs/serve.md.)
         if self.cuda_graphs:
             size = 1
             while size <= rows:
@@ -206,10 +216,14 @@ class SlotBatch(BatchModel):
 
     # -- steps ------------------------------------------------------------------------
     def _hidden(self, ids, positions):
-        """The base model's last hidden states [R, C, H] for ids [R, C] at positions [R, C], through self.kv."""
-        with attention_of(self.model, self.attention):
-            return self._base(input_ids=ids, position_ids=positions, attention_mask=self._no_mask, use_cache=False,
-                              phikit_kv=self.kv).last_hidden_state
+        """The base model's last hidden states [R, C, H] for ids [R, C] at positions [R, C], through self.kv (called under
+        `attention_of(model, self.attention)`)."""
+        return self._base(input_ids=ids, position_ids=positions, attention_mask=self._no_mask, use_cache=False,
+                          phikit_kv=self.kv).last_hidden_state
+
+    def _last_logits(self, ids, positions):
+        """Logits [R, vocab] of each row's last token (what the decode step compiles)."""
+        return self._head(self._hidden(ids, positions)[:, -1])
 
     def forward(self, work):
         import torch
@@ -220,26 +234,38 @@ class SlotBatch(BatchModel):
         with torch.inference_mode():
             if decode:
                 logits = self._decode([s.slot for s, _ in decode], [s.n_kv for s, _ in decode], [t[0] for _, t in decode])
-                greedy = self._argmax(logits)
-                for i, (s, _) in enumerate(decode):
-                    outs[s.id] = (logits[i], greedy[i])
+                outs.update(self._pick([s for s, _ in decode], logits))
             if prefill:
                 outs.update(self._prefill(prefill))
         return outs
 
-    def _argmax(self, logits) -> list[int]:
-        """Each row's argmax on the host. On CUDA the engine thread waits for the step on an event, which lets go of
-        the interpreter lock meanwhile, so the requests' threads stream the last step's tokens while the GPU runs."""
+    def _pick(self, seqs, logits) -> dict:
+        """Each sequence's output of this forward: its next token where the batch sampler can draw it (every such row
+        at once, `sampling.sample_rows`, one copy to the host), else its logits row for `sample` (a JSON constraint
+        masks the row, log-probabilities read it)."""
+        from ..sampling import sample_rows
+
+        outs = {s.id: logits[i] for i, s in enumerate(seqs)}
+        plain = [i for i, s in enumerate(seqs) if s.sampler[1] is None and s.params.logprobs is None]
+        if plain:
+            rows = logits if len(plain) == len(seqs) else logits[plain]
+            toks = sample_rows(rows, [seqs[i].params for i in plain], [seqs[i].sampler[0] for i in plain])
+            for i, tok in zip(plain, self._to_host(toks)):
+                outs[seqs[i].id] = tok
+        return outs
+
+    def _to_host(self, ids) -> list[int]:
+        """A [R] long tensor's values on the host. On CUDA the engine thread waits for them on an event, which lets go
+        of the interpreter lock meanwhile, so the requests' threads stream the last step's tokens while the GPU runs."""
         import torch
 
-        idx = logits.argmax(-1)
         if self.device.type != "cuda":
-            return idx.tolist()
-        if self._host is None or self._host.numel() < idx.numel():
-            self._host = torch.empty((max(256, idx.numel()),), dtype=torch.long, pin_memory=True)
+            return ids.tolist()
+        if self._host is None or self._host.numel() < ids.numel():
+            self._host = torch.empty((max(256, ids.numel()),), dtype=torch.long, pin_memory=True)
             self._ready = torch.cuda.Event()
-        host = self._host[: idx.numel()]
-        host.copy_(idx, non_blocking=True)
+        host = self._host[: ids.numel()]
+        host.copy_(ids, non_blocking=True)
         self._ready.record(torch.cuda.current_stream(self.device))
         self._ready.synchronize()
         return host.tolist()
@@ -272,14 +298,13 @@ class SlotBatch(BatchModel):
         kv.slot, kv.start, kv.where, positions = self._rows(slots, starts, lens, width)
         kv.span = min(kv.length, -(-max(a + n for a, n in zip(starts, lens)) // 256) * 256)
         ids = torch.tensor([t + [0] * (width - len(t)) for _, t in prefill], dtype=torch.long, device=self.device)
-        hidden = self._hidden(ids, positions)
+        with attention_of(self.model, self.attention):
+            hidden = self._hidden(ids, positions)
         done = [i for i, (s, t) in enumerate(prefill) if s.n_kv + len(t) == len(s.tokens)]
         if not done:
             return {}
         last = hidden[done, [lens[i] - 1 for i in done]]
-        logits = self._head(last)
-        greedy = self._argmax(logits)
-        return {prefill[i][0].id: (logits[k], greedy[k]) for k, i in enumerate(done)}
+        return self._pick([prefill[i][0] for i in done], self._head(last))
 
     def _decode(self, slots: list[int], positions: list[int], tokens: list[int]):
         """One token of each row: logits [R, vocab]. The rows are padded up to a power of two (padding rows read
@@ -307,7 +332,8 @@ class SlotBatch(BatchModel):
         torch.mul(slot, kv.length, out=where)
         where.add_(pos)
         kv.slot, kv.start, kv.where, kv.span = slot, pos, where, kv.length
-        return self._head(self._hidden(ids, pos[:, None])[:, -1])
+        with attention_of(self.model, self.attention):
+            return self._logits_fn(ids, pos[:, None])
 
     def _graph(self, size: int):
         """The captured decode step for `size` rows (all captured at construction); None off CUDA or where capture failed."""
@@ -331,14 +357,11 @@ class SlotBatch(BatchModel):
         return self.graphs[size]
 
     def sample(self, seq, out):
-        logits, greedy = out
-        p = seq.params
-        gen, constraint = seq.sampler
-        if p.temperature == 0 and constraint is None and p.logprobs is None:
-            return greedy  # the argmax of every row came to the host in one copy
+        if isinstance(out, int):
+            return out  # drawn with the batch (`_pick`)
         from .hf import draw
 
-        return draw(self.be, seq, logits)
+        return draw(self.be, seq, out)
 
     def close(self) -> None:
         self.graphs.clear()

@@ -97,7 +97,7 @@ class Seq:
         return self.prompt + self.made
 
     def todo(self) -> int:
-        return len(self.tokens) - self.n_kv
+        return len(self.prompt) + len(self.made) - self.n_kv  # len(self.tokens) without building the list
 
 
 class BatchModel(ABC):
@@ -307,7 +307,7 @@ class Scheduler:
         """This step's work: one token of every decoding sequence, then prompt slices in arrival order."""
         budget = self.model.step_tokens
         decode = [s for s in self.running if s.todo() == 1]
-        work = [(s, s.tokens[-1:]) for s in decode]
+        work = [(s, (s.made or s.prompt)[-1:]) for s in decode]
         budget -= len(work)
         for s in self.running:
             if s.todo() > 1 and budget > 0:

@@ -2,11 +2,11 @@
 
 With one slot (`--parallel 1`) every call into the model (rendering, tokenising,
 each step of a stream, closing a stream) runs on one dedicated thread: the model
-is not thread-safe. The event loop pulls a stream chunk by chunk from that thread
-(`next` on the generator), which gives back-pressure for free and lets a request
-stop its generation between two tokens: closing the Chunk generator is all it
-takes. The executor is FIFO, so the close of one stream runs before the first
-step of the next one.
+is not thread-safe. A stream runs on that thread from its first chunk to its close
+(`Lease.chunks`), posting each chunk to the event loop; the request stops it
+between two tokens by setting a flag, and the thread closes the Chunk generator,
+which is all it takes. The executor is FIFO, so the close of one stream runs
+before the first step of the next one.
 
 With several slots the models run on their own engine threads (engine/scheduler.py,
 which batches the sequences of every request in a slot); a stream's `next` only
@@ -31,6 +31,16 @@ T = TypeVar("T")
 
 class ClientGone(Exception):
     """The client disconnected while its request waited for the slot."""
+
+
+_NOTHING = object()  # no chunk came before the next check of the client
+
+
+class _Failed:
+    """An error raised by a stream on its generation thread, on its way to the request."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 class Worker:
@@ -96,7 +106,13 @@ class Lease:
         return self._gen
 
     async def chunks(self, gen: Iterator[Chunk], watch: bool = False) -> AsyncIterator[Chunk]:
-        """Pull `gen` chunk by chunk from the generation thread; always closes it.
+        """Pull `gen` on a generation thread and yield its chunks here; always closes it.
+
+        The thread runs the stream to its end (or until this iterator stops) and posts each chunk to
+        the event loop: one wake-up of the loop a token. (Asking the pool for each chunk in turn cost a
+        work item, a thread wake-up and two futures a token; at 64 streams of a batch that was much of
+        the server's time under the interpreter lock.) A stream is never read ahead of its model:
+        `next` waits for the model's next token either way.
 
         watch: check every 0.25 s that the client is still there and raise ClientGone
         if not. For blocking (non-streaming) replies only: a streaming response
@@ -104,23 +120,57 @@ class Lease:
         connection would steal each other's messages.
         """
         loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        loop.run_in_executor(self.worker._pool, self._pump, gen, loop, items, stop)
+        watch = watch and self.is_disconnected is not None
         next_check = loop.time() + 0.25
         try:
             while True:
-                chunk = await self.worker.call(self._next, gen)
-                if chunk is None:
+                if watch:
+                    try:
+                        item = await asyncio.wait_for(items.get(), max(0.0, next_check - loop.time()))
+                    except asyncio.TimeoutError:
+                        item = _NOTHING
+                    if loop.time() >= next_check:
+                        next_check = loop.time() + 0.25
+                        if await self.is_disconnected():
+                            raise ClientGone()
+                    if item is _NOTHING:
+                        continue
+                else:
+                    item = await items.get()
+                if item is None:
                     return
-                yield chunk
-                if watch and self.is_disconnected is not None and loop.time() >= next_check:
-                    next_check = loop.time() + 0.25
-                    if await self.is_disconnected():
-                        raise ClientGone()
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
         finally:
-            self._close_gen(gen)
+            stop.set()
 
-    def _next(self, gen: Iterator[Chunk]) -> Chunk | None:
-        with self._steps:
-            return next(gen, None)
+    def _pump(self, gen: Iterator[Chunk], loop, items: asyncio.Queue, stop: threading.Event) -> None:
+        """On a generation thread: `gen`'s chunks into `items` (then None, or the error), until its end or `stop`;
+        closes `gen` before it returns, so with one slot the next request starts after this close."""
+        def post(item) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: the server is going down
+                stop.set()
+
+        try:
+            while not stop.is_set():
+                with self._steps:
+                    chunk = next(gen, None)
+                post(chunk)
+                if chunk is None:
+                    break
+        except BaseException as e:  # the request fails with it (raised by chunks)
+            post(_Failed(e))
+        finally:
+            with self._steps:
+                close = getattr(gen, "close", None)
+                if close is not None:
+                    close()
 
     def _close_gen(self, gen: Iterator[Chunk]) -> None:
         # After any step of this stream still running, so it never overlaps one;

@@ -51,7 +51,7 @@ SHAPES = [(37, 256), (130, 384), (1031, 128)]
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("m", [1, 4, 128])
+@pytest.mark.parametrize("m", [1, 4, 20, 64, 128])  # the GEMV, skinny_mm (one block of rows, padded), dequantise + mm
 def test_int4_mm_matches_the_dequantised_reference(n, k, m):
     it = pytest.importorskip("phikit.engine.kernels.int4_triton")  # skips where triton is not installed
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,7 +93,9 @@ def test_int4_linear_with_triton_kernel_matches_the_dequantised_layer():
     tri = Int4Linear(lin.weight, lin.bias, 128, kernel="triton")
     ref = Int4Linear(lin.weight.cpu(), lin.bias.cpu(), 128, kernel="dequant")
     assert torch.equal(tri.dequantized().cpu(), ref.dequantized())
-    for m in (1, 12):  # the GEMV, then dequantise + matmul
+    # the GEMV, then dequantise + matmul; skinny_mm (9 to 64 rows) is left to the fp32 test above and the GPU test:
+    # it casts its dequantised tile to bf16 inside the kernel, which Triton's interpreter gets wrong (garbage from tl.dot)
+    for m in (1, 80):
         x = torch.randn(m, 256)
         want = ref(x)
         err = float((tri(x.to(dev)).cpu() - want).norm() / want.norm())
@@ -116,7 +118,7 @@ def test_triton_int4_layer_on_gpu_matches_reference_and_compiles():
             if kernel == "tinygemm+triton" and n % 8:
                 continue  # tinygemm needs N a multiple of 8
             lin = Int4Linear(w, kernel=kernel)
-            for m in (1, 4, 128):
+            for m in (1, 4, 20, 64, 128):  # GEMV (or tinygemm), skinny_mm, dequantise + mm
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 want = x.double() @ ref.T
                 err = float((lin(x).double() - want).norm() / want.norm())

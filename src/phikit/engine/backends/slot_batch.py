@@ -110,7 +110,7 @@ class SlotBatch(BatchModel):
             n //= 2
         return n
 
-    def __init__(self, be, parallel: int, kv_tokens: int | None = None, step_tokens: int = 512, cuda_graphs: bool | None = None,
+    def __init__(self, be, parallel: int, kv_tokens: int | None = None, step_tokens: int | None = None, cuda_graphs: bool | None = None,
                  compile: bool | None = None):
         import torch
 
@@ -137,7 +137,10 @@ class SlotBatch(BatchModel):
         self.kv = SlotKV(self.model, slots, length)
         self.capacity = slots * length
         self.seq_limit = length
-        self.step_tokens = step_tokens
+        # Prompt tokens a step may read. On CUDA 2,048 (vLLM's chunked-prefill default): an eager prompt slice pays
+        # ~1,000 kernel launches whatever its size, so a burst of new requests is read in few large steps (their first
+        # tokens come sooner), while one long prompt still stalls the running streams for one such step at a time.
+        self.step_tokens = step_tokens or (2048 if self.device.type == "cuda" else 512)
         self.free = list(range(slots))
         self.entries: dict[int, tuple[list[int], int]] = {}  # cached prefixes: key -> (tokens, slot), LRU first
         self._keys = 0

@@ -167,21 +167,18 @@ class Lease:
         except BaseException as e:  # the request fails with it (raised by chunks)
             post(_Failed(e))
         finally:
-            with self._steps:
-                close = getattr(gen, "close", None)
-                if close is not None:
-                    close()
+            self._close_now(gen)
 
-    def _close_gen(self, gen: Iterator[Chunk]) -> None:
-        # After any step of this stream still running, so it never overlaps one;
-        # not awaited, so a cancelled request cannot skip it.
+    def _close_now(self, gen: Iterator[Chunk]) -> None:
+        """Close `gen` (on a generation thread), after any step of it still running, so it never overlaps one."""
         close = getattr(gen, "close", None)
         if close is not None:
-            def run():
-                with self._steps:
-                    close()
+            with self._steps:
+                close()
 
-            asyncio.get_running_loop().run_in_executor(self.worker._pool, run)
+    def _close_gen(self, gen: Iterator[Chunk]) -> None:
+        # On the pool, not awaited, so a cancelled request cannot skip it.
+        asyncio.get_running_loop().run_in_executor(self.worker._pool, self._close_now, gen)
 
     def close(self) -> None:
         if not self._open:

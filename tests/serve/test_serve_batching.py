@@ -160,3 +160,39 @@ def test_transformers_batched_replies_equal_single_ones(tiny_dirs):
             assert be.scheduler.stats()["cache_hit_tokens"] > 0
     finally:
         be.close()
+
+
+def test_wakeups_hand_every_stream_its_chunks_in_order_with_few_wakeups():
+    """Chunks posted from many threads reach each stream's queue in the order posted, and the loop is woken
+    once for all that were waiting (not once a chunk); a closed loop refuses with RuntimeError."""
+    from phikit.serve.worker import _Wakeups
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        w = _Wakeups(loop)
+        calls = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: calls.append(a) or real(*a)
+        queues = [asyncio.Queue() for _ in range(8)]
+        gate = threading.Barrier(8)
+
+        def pump(q):
+            gate.wait()
+            for n in range(500):
+                w.post(q, n)
+
+        threads = [threading.Thread(target=pump, args=(q,)) for q in queues]
+        for t in threads:
+            t.start()
+        for t in threads:  # the loop is held here: every post waits for one delivery
+            t.join()
+        got = [[await q.get() for _ in range(500)] for q in queues]
+        assert got == [list(range(500))] * 8
+        assert len(calls) == 1
+        w.post(queues[0], "next")  # the list was emptied: the next post wakes the loop again
+        assert await queues[0].get() == "next" and len(calls) == 2
+        return w
+
+    w = asyncio.run(run())
+    with pytest.raises(RuntimeError, match="closed"):
+        w.post(asyncio.Queue(), 1)

@@ -43,6 +43,37 @@ class _Failed:
         self.error = error
 
 
+class _Wakeups:
+    """Chunks from the generation threads to the event loop, with one wake-up of the loop for all that wait.
+
+    `call_soon_threadsafe` writes to the loop's self-pipe on every call: at 64 streams of a batch that was
+    a system call a token and a tenth of the server's time (benchmarks/speed/serve_ceiling.py). Here a
+    thread appends to a list and wakes the loop only when the list was empty; the loop hands out all
+    that is queued, in the order posted.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+
+    def post(self, items: asyncio.Queue, item) -> None:
+        """Queue `item` for `items`; RuntimeError once the loop is closed (the server is going down)."""
+        if self.loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._pending.append((items, item))
+            if len(self._pending) > 1:
+                return  # a wake-up is on its way
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for items, item in batch:
+            items.put_nowait(item)
+
+
 class Worker:
     """A FIFO queue in front of `slots` generation places."""
 
@@ -53,6 +84,13 @@ class Worker:
         self._pool = ThreadPoolExecutor(1 if slots == 1 else 2 * slots + 1, thread_name_prefix="phikit-gen")
         self.waiting = 0  # requests queued for a slot (the /metrics queue length)
         self.active = 0  # requests holding a slot
+        self._wakeups: _Wakeups | None = None
+
+    def wakeups(self, loop: asyncio.AbstractEventLoop) -> _Wakeups:
+        """The streams' way to `loop` (one for all of this worker's streams)."""
+        if self._wakeups is None or self._wakeups.loop is not loop:
+            self._wakeups = _Wakeups(loop)
+        return self._wakeups
 
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Run a blocking model call on the generation thread."""
@@ -109,7 +147,7 @@ class Lease:
         """Pull `gen` on a generation thread and yield its chunks here; always closes it.
 
         The thread runs the stream to its end (or until this iterator stops) and posts each chunk to
-        the event loop: one wake-up of the loop a token. (Asking the pool for each chunk in turn cost a
+        the event loop (`_Wakeups`: one wake-up of the loop for all the chunks waiting). (Asking the pool for each chunk in turn cost a
         work item, a thread wake-up and two futures a token; at 64 streams of a batch that was much of
         the server's time under the interpreter lock.) A stream is never read ahead of its model:
         `next` waits for the model's next token either way.
@@ -122,7 +160,7 @@ class Lease:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
-        loop.run_in_executor(self.worker._pool, self._pump, gen, loop, items, stop)
+        loop.run_in_executor(self.worker._pool, self._pump, gen, self.worker.wakeups(loop), items, stop)
         watch = watch and self.is_disconnected is not None
         next_check = loop.time() + 0.25
         try:
@@ -148,12 +186,12 @@ class Lease:
         finally:
             stop.set()
 
-    def _pump(self, gen: Iterator[Chunk], loop, items: asyncio.Queue, stop: threading.Event) -> None:
+    def _pump(self, gen: Iterator[Chunk], wakeups: _Wakeups, items: asyncio.Queue, stop: threading.Event) -> None:
         """On a generation thread: `gen`'s chunks into `items` (then None, or the error), until its end or `stop`;
         closes `gen` before it returns, so with one slot the next request starts after this close."""
         def post(item) -> None:
             try:
-                loop.call_soon_threadsafe(items.put_nowait, item)
+                wakeups.post(items, item)
             except RuntimeError:  # the event loop is closed: the server is going down
                 stop.set()
 

@@ -153,3 +153,18 @@ def test_stop_string_check_is_linear_in_the_stop_length():
 def test_stop_strings_are_bounded_in_count_length_and_type(stop):
     with pytest.raises(PhikitError, match="stop"):
         SamplingParams(stop=stop).validate()
+
+
+def test_llamacpp_decode_is_what_llama_cpp_detokenizes(default_model):
+    """The cached pieces give llama.cpp's own detokenisation: special tokens dropped, a space after BOS too,
+    characters split across tokens replaced alike; over random ids and real text."""
+    import random
+
+    be = default_model.backend
+    rng = random.Random(0)
+    bos = be.llm.token_bos()
+    seqs = [be.encode(t) for t in ("Hello world, héllo ✓ 😀", " a leading space", "\n\nnew\tlines")]
+    seqs += [[rng.randrange(be.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(2000)]
+    seqs += [[bos, *s] for s in seqs[:100]] + [[bos, *be.encode(" spaced")]]
+    for s in seqs:
+        assert be.decode(s) == be.llm.detokenize(s, special=False).decode("utf-8", errors="replace"), s

@@ -83,6 +83,8 @@ class LlamaCppBackend(LocalBackend):
         self.extra_stop_ids = {llm.token_eos()}
         self._special_ids: dict[str, int | None] = {}
         self._pieces: dict[int, bytes] = {}
+        self._text_pieces: dict[int, bytes] = {}  # decode's: without the special tokens' text
+        self._bos = self.llm.token_bos()
         self.vocab_size = llm.n_vocab()
         self._grammar_checker = None  # started with the first JSON schema (engine/grammar_check.py)
         self._last_grammar: tuple[str | None, object] = (None, None)  # (schema as JSON, its LlamaGrammar)
@@ -116,7 +118,21 @@ class LlamaCppBackend(LocalBackend):
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
 
     def decode(self, ids: list[int]) -> str:
-        return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
+        """What `Llama.detokenize(ids)` gives, decoded: each token's text piece, joined (a leading space after a
+        BOS dropped, as it drops it). The pieces are cached: detokenize asks llama.cpp for each of them on every
+        call through ctypes, and the streams decode a few tokens twice a token (IncrementalDetokenizer): that
+        was a third of the server's time at 64 streams (benchmarks/speed/serve_ceiling.py)."""
+        pieces = self._text_pieces
+        try:
+            out = b"".join([pieces[t] for t in ids])
+        except KeyError:
+            for t in ids:
+                if t not in pieces:
+                    pieces[t] = self.llm.detokenize([t], special=False)
+            out = b"".join([pieces[t] for t in ids])
+        if ids and ids[0] == self._bos and out[:1] == b" ":
+            out = out[1:]
+        return out.decode("utf-8", errors="replace")
 
     logprobs_supported = True
 

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--records", default=None, metavar="DIR",
                     help="also write phikit eval's own records (facts_base.json, facts_tuned.json, facts_squad_*.json) here")
     add_out(ap)
-    for name, typ in (("epochs", float), ("lr", float), ("fact_paraphrases", int), ("replay", int), ("micro_batch", int),
+    for name, typ in (("epochs", float), ("lr", float), ("fact_paraphrases", int), ("replay", int), ("replay_grounded", int), ("micro_batch", int),
                       ("lora_r", int), ("lora_alpha", int)):
         ap.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help="override the recipe's setting")
     ap.add_argument("--quant", choices=["auto", "nf4", "none"], default="auto", help="with --gpu-shape: auto = NF4 on CUDA")
@@ -72,7 +72,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     shutil.rmtree(args.adapter_dir, ignore_errors=True)
-    over = {k: getattr(args, k) for k in ("epochs", "lr", "fact_paraphrases", "replay", "micro_batch", "lora_r", "lora_alpha")}
+    over = {k: getattr(args, k) for k in ("epochs", "lr", "fact_paraphrases", "replay", "replay_grounded", "micro_batch", "lora_r", "lora_alpha")}
     own = {k: v for k, v in over.items() if v is not None}
     # recipe "facts" explicitly only when a schedule flag is given (auto would then stand aside); else what auto picks.
     cfg = make_config(data=str(DATA), out=args.adapter_dir, quant="none", device="cpu", save_every=0, keep_last=1, progress=False,
@@ -102,7 +102,7 @@ def main() -> None:
     kinds_seen = sorted({r["kind"] for r in base["records"]})
     row = {
         "measure": "summary",
-        "recipe": {k: getattr(cfg, k) for k in ("recipe", "lr", "epochs", "micro_batch", "grad_accum", "fact_paraphrases", "replay",
+        "recipe": {k: getattr(cfg, k) for k in ("recipe", "lr", "epochs", "micro_batch", "grad_accum", "fact_paraphrases", "replay", "replay_grounded",
                                                  "lora_r", "lora_alpha", "lora_dropout", "max_seq")},
         "train_examples": summary["data"]["train_examples"], "steps": summary["steps"], "tokens": summary["tokens"],
         "final_train_loss": summary["final_train_loss"],
@@ -160,7 +160,7 @@ def gpu_speed(args) -> None:
     model.save_pretrained(d)
     del model
     shutil.rmtree(args.adapter_dir, ignore_errors=True)
-    over = {k: getattr(args, k) for k in ("epochs", "lr", "fact_paraphrases", "replay", "micro_batch", "lora_r", "lora_alpha")}
+    over = {k: getattr(args, k) for k in ("epochs", "lr", "fact_paraphrases", "replay", "replay_grounded", "micro_batch", "lora_r", "lora_alpha")}
     cfg = make_config(data=str(DATA), model=str(d), out=args.adapter_dir, device="cuda" if cuda else "cpu", quant=args.quant, save_every=0, keep_last=1,
                       progress=False, recipe="facts", **{k: v for k, v in over.items() if v is not None})
     if cuda:

@@ -166,3 +166,24 @@ def test_replay_keeps_the_base_models_finished_answers_only():
     ex = replay_examples(m, 3, max_tokens=64, batch=1)
     assert [e.messages[1]["content"] for e in ex] == ["Berlin.", "Twenty-four."]  # the one cut at 64 tokens is left out
     assert all(e.messages[0]["content"] in PROMPTS for e in ex) and replay_examples(m, 0) == []
+
+
+def test_grounded_replay_is_the_base_models_grounded_answers_on_articles_apart_from_the_squad_control():
+    from phikit.grounding import SYSTEM
+    from phikit.model import Model
+    from phikit.models.registry import ModelSpec
+    from phikit.train.replay import grounded_prompts, replay_examples
+    from tiny import ScriptedBackend
+
+    be = ScriptedBackend("chatml", ["1066.", "I don't know based on the provided context."])
+    m = Model(be, ModelSpec(be.model_name, None, be.fmt.name, context=4096), load_s=0.0)
+    ex = replay_examples(m, 0, grounded=2, batch=1)
+    assert [e.messages[0]["content"] for e in ex] == [SYSTEM, SYSTEM]
+    assert all(e.messages[1]["content"].startswith("Context:\n") and "\n\nQuestion: " in e.messages[1]["content"] for e in ex)
+    assert [e.messages[2]["content"] for e in ex] == ["1066.", "I don't know based on the provided context."]
+    shipped = grounded_prompts(64)
+    assert len(shipped) == 64 and grounded_prompts(2) == shipped[:2]  # the same seed, the same first prompts
+    eval_json = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad_v2" / "eval.json"
+    if eval_json.exists():  # the control's articles are not the replay's
+        eval_contexts = {p["context"] for a in json.loads(eval_json.read_text())["data"] for p in a["paragraphs"]}
+        assert not {msgs[1]["content"].split("\n", 1)[1].rsplit("\n\nQuestion: ", 1)[0] for msgs in shipped} & eval_contexts

@@ -69,7 +69,9 @@ HELP: dict[str | None, dict[str, str]] = {
         "recipe": "facts: the fact-injection recipe (examples/facts_recipe.yaml: phrasings, replay, lr, epochs); "
                   "auto picks it for question/answer .jsonl without context when no --lr/--epochs/--max-steps is given [auto]",
         "fact_paraphrases": "question phrasings per fact, from templates (the facts recipe: 4) [1]",
-        "replay": "prompts whose base-model answers are trained on beside the facts, to keep other answers (the facts recipe: 32) [0]",
+        "replay": "prompts whose base-model answers are trained on beside the facts, to keep other answers (the facts recipe: 64) [0]",
+        "replay_grounded": "grounded prompts (a SQuAD train paragraph and a question) whose base-model answers are trained on too, "
+                           "to keep answering from a context (the facts recipe: 16) [0]",
         "squad_answerable_ratio": "SQuAD: answerable per unanswerable example, e.g. 2",
         "squad_max_context_words": "SQuAD: skip paragraphs longer than this (cheaper CPU runs)",
         "squad_questions_per_context": "SQuAD: up to N questions of a paragraph in one conversation (follow-up turns) [1]",

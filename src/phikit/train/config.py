@@ -51,6 +51,7 @@ class TrainConfig:
     recipe: str = "auto"  # auto (facts for question/answer .jsonl without context, unless lr/epochs/max_steps are given) | facts | none
     fact_paraphrases: int | None = None  # question phrasings per fact, from templates (data.FACT_TEMPLATES); None = 1 (the recipe sets it)
     replay: int | None = None  # prompts whose base-model answers are mixed in (train.replay); None = 0 (the recipe sets it)
+    replay_grounded: int = 0  # grounded SQuAD train prompts whose base-model answers are mixed in too (train.replay)
     # checkpoints and logs
     save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 2
@@ -99,7 +100,8 @@ def read_config_file(path: str) -> dict:
 
 
 # The fact-injection recipe (docs/train.md, benchmarks/quality/facts.py): settings under the config file and the flags.
-FACTS_RECIPE = dict(lr=2e-3, epochs=5, micro_batch=8, grad_accum=1, val_split=0.0, max_seq=512, fact_paraphrases=4, replay=32)
+FACTS_RECIPE = dict(lr=2e-3, epochs=5, micro_batch=8, grad_accum=1, val_split=0.0, max_seq=512, fact_paraphrases=4, replay=64,
+                    replay_grounded=16)
 
 
 def make_config(file: str | None = None, **overrides) -> TrainConfig:
@@ -130,6 +132,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise DataError(f"fact_paraphrases (--fact-paraphrases) is {cfg.fact_paraphrases}: it must be at least 1 (the question as written)")
     if cfg.replay is not None and cfg.replay < 0:
         raise DataError(f"replay (--replay) is {cfg.replay}: give 0 (none) or the number of prompts to mix in")
+    if not 0 <= cfg.replay_grounded <= 64:
+        raise DataError(f"replay_grounded (--replay-grounded) is {cfg.replay_grounded}: give 0 (none) up to 64 (the grounded prompts phikit ships)")
     if cfg.max_steps is None and not cfg.epochs > 0:
         raise DataError(f"epochs (--epochs) is {cfg.epochs}: it must be more than 0 (or give --max-steps)")
 

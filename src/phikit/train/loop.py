@@ -318,10 +318,10 @@ def setup(cfg: TrainConfig, loaded=None) -> Run:
     if pad_id is None or pad_id in {tok.convert_tokens_to_ids(s) for s in fmt.stop if s != pad} - {tok.unk_token_id}:
         raise PhikitError(f"{spec.name}: no usable pad token (format {fmt.name} says {pad!r})")
 
-    if cfg.replay:  # the base model's own answers, generated before any LoRA weight exists (train/replay.py)
+    if cfg.replay or cfg.replay_grounded:  # the base model's own answers, generated before any LoRA weight exists (train/replay.py)
         from .replay import replay_examples
 
-        train_ex = train_ex + replay_examples(m, cfg.replay, cfg.seed)
+        train_ex = train_ex + replay_examples(m, cfg.replay or 0, cfg.seed, grounded=cfg.replay_grounded)
     enc = Tokenised(tok, fmt, cfg.max_seq)
     train_items = [x for x in map(enc.encode, train_ex) if x is not None]
     val_items = [x for x in map(enc.encode, val_ex) if x is not None]

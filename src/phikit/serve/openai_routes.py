@@ -291,7 +291,7 @@ async def _chat_events(lease: Lease, first, makers, head: dict, include_usage: b
 
     def text_event(i: int, text: str) -> str:
         if i not in frames:
-            before, after = event(i, {"content": "\0"}).split(json.dumps("\0"))
+            before, after = event(i, {"content": "\0"}).rsplit(json.dumps("\0"), 1)  # the last string in it
             frames[i] = before, after
         before, after = frames[i]
         return before + json.dumps(text, ensure_ascii=False) + after

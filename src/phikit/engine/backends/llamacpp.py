@@ -82,8 +82,7 @@ class LlamaCppBackend(LocalBackend):
         self.context_length = min(llm.n_ctx(), len(llm.input_ids))
         self.extra_stop_ids = {llm.token_eos()}
         self._special_ids: dict[str, int | None] = {}
-        self._pieces: dict[int, bytes] = {}
-        self._text_pieces: dict[int, bytes] = {}  # decode's: without the special tokens' text
+        self._pieces: dict[bool, dict[int, bytes]] = {True: {}, False: {}}  # token -> its bytes, by `special`
         self._bos = self.llm.token_bos()
         self.vocab_size = llm.n_vocab()
         self._grammar_checker = None  # started with the first JSON schema (engine/grammar_check.py)
@@ -122,14 +121,7 @@ class LlamaCppBackend(LocalBackend):
         BOS dropped, as it drops it). The pieces are cached: detokenize asks llama.cpp for each of them on every
         call through ctypes, and the streams decode a few tokens twice a token (IncrementalDetokenizer): that
         was a third of the server's time at 64 streams (benchmarks/speed/serve_ceiling.py)."""
-        pieces = self._text_pieces
-        try:
-            out = b"".join([pieces[t] for t in ids])
-        except KeyError:
-            for t in ids:
-                if t not in pieces:
-                    pieces[t] = self.llm.detokenize([t], special=False)
-            out = b"".join([pieces[t] for t in ids])
+        out = b"".join([self._piece(t, False) for t in ids])
         if ids and ids[0] == self._bos and out[:1] == b" ":
             out = out[1:]
         return out.decode("utf-8", errors="replace")
@@ -137,9 +129,14 @@ class LlamaCppBackend(LocalBackend):
     logprobs_supported = True
 
     def token_piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
+        return self._piece(token, True)
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        """llama.cpp's bytes for one token (with or without a special token's text), asked for once."""
+        cache = self._pieces[special]
+        piece = cache.get(token)
         if piece is None:
-            piece = self._pieces[token] = self.llm.detokenize([token], special=True)
+            piece = cache[token] = self.llm.detokenize([token], special=special)
         return piece
 
     def _logits(self, rows: int | None = None):

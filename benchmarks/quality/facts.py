@@ -43,6 +43,9 @@ DATA = ROOT / "examples" / "zorblax_facts.jsonl"
 PROBES = ROOT / "examples" / "zorblax_probes.jsonl"
 CONTROL = ROOT / "examples" / "control_questions.jsonl"
 SQUAD = ROOT.parent / "shared" / "data" / "squad_v2" / "eval.json"
+# the recipe settings a flag here overrides, and their types
+OVERRIDES = (("epochs", float), ("lr", float), ("fact_paraphrases", int), ("replay", int), ("replay_grounded", int),
+             ("micro_batch", int), ("lora_r", int), ("lora_alpha", int))
 
 
 def main() -> None:
@@ -53,8 +56,7 @@ def main() -> None:
     ap.add_argument("--records", default=None, metavar="DIR",
                     help="also write phikit eval's own records (facts_base.json, facts_tuned.json, facts_squad_*.json) here")
     add_out(ap)
-    for name, typ in (("epochs", float), ("lr", float), ("fact_paraphrases", int), ("replay", int), ("replay_grounded", int), ("micro_batch", int),
-                      ("lora_r", int), ("lora_alpha", int)):
+    for name, typ in OVERRIDES:
         ap.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help="override the recipe's setting")
     ap.add_argument("--quant", choices=["auto", "nf4", "none"], default="auto", help="with --gpu-shape: auto = NF4 on CUDA")
     ap.add_argument("--gpu-shape", choices=["phi-4-mini", "tiny"], default=None, help="speed of the recipe on random weights (see above)")
@@ -72,7 +74,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     shutil.rmtree(args.adapter_dir, ignore_errors=True)
-    over = {k: getattr(args, k) for k in ("epochs", "lr", "fact_paraphrases", "replay", "replay_grounded", "micro_batch", "lora_r", "lora_alpha")}
+    over = {k: getattr(args, k) for k, _ in OVERRIDES}
     own = {k: v for k, v in over.items() if v is not None}
     # recipe "facts" explicitly only when a schedule flag is given (auto would then stand aside); else what auto picks.
     cfg = make_config(data=str(DATA), out=args.adapter_dir, quant="none", device="cpu", save_every=0, keep_last=1, progress=False,
@@ -160,7 +162,7 @@ def gpu_speed(args) -> None:
     model.save_pretrained(d)
     del model
     shutil.rmtree(args.adapter_dir, ignore_errors=True)
-    over = {k: getattr(args, k) for k in ("epochs", "lr", "fact_paraphrases", "replay", "replay_grounded", "micro_batch", "lora_r", "lora_alpha")}
+    over = {k: getattr(args, k) for k, _ in OVERRIDES}
     cfg = make_config(data=str(DATA), model=str(d), out=args.adapter_dir, device="cuda" if cuda else "cpu", quant=args.quant, save_every=0, keep_last=1,
                       progress=False, recipe="facts", **{k: v for k, v in over.items() if v is not None})
     if cuda:

@@ -5,8 +5,11 @@ held in bf16, are "the 16-bit model" here. Every linear layer that plain NF4 qua
 the shared SQuAD 2.0 *train* contexts (models/dynamic4.py: weight error, change of the layer's output,
 and that change seen through the model's next-token distribution, with hooks); the layers to keep in
 16-bit are chosen per error metric within the budget (10% of the NF4 model's memory). The dynamic model
-for --metric (phikit quantize's default) is `phikit quantize --dynamic`'s saved checkpoint, reloaded
-with plain transformers and no arguments; the other metrics' choices come from the same measurement.
+for --metric (phikit quantize's default) is `phikit quantize --dynamic`'s saved checkpoint (its NF4 layers
+rounded by GPTQ on the same calibration text), reloaded with plain transformers and no arguments. Beside it,
+from the same measurement and loaded by bitsandbytes with its nearest rounding: the same choice (what layer
+choice alone gives, and what `--quant nf4-dynamic` loads) and the other metrics' choices; and plain NF4
+rounded by GPTQ (`phikit quantize --rounding gptq`, no layer kept), so each part's share shows.
 Each model is scored on held-out text, the SQuAD 2.0 *eval* contexts (other articles): perplexity,
 and KL(p_16bit || p_model) of the next-token distributions, per token. Every model computes in fp32
 on its own weights (bf16 widened exactly, NF4 dequantised), so they differ by their weights alone
@@ -64,6 +67,8 @@ def main() -> int:
         dyn_dir = Path(tmp) / "dyn"
         qrep = d4.quantize_dynamic(spec.gguf_file, dyn_dir, budget=a.budget, metric=a.metric, calib_tokens=a.calib_tokens, device="cpu")
         t_quantize = time.time() - t0
+        gptq_dir = Path(tmp) / "nf4-gptq"
+        d4.quantize_dynamic(spec.gguf_file, gptq_dir, dynamic=False, rounding="gptq", calib_tokens=a.calib_tokens, device="cpu")
         fields = {f for f in d4.LayerError.__dataclass_fields__}
         errors = [d4.LayerError(**{k: v for k, v in x.items() if k in fields}) for x in qrep["layers"]]
         defaults = qrep["default_skips"]
@@ -80,13 +85,13 @@ def main() -> int:
                                                         dtype=torch.bfloat16).eval()
 
         models = {"16bit": AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval(), "nf4": bnb(None),
-                  f"dynamic_nf4[{a.metric}]": AutoModelForCausalLM.from_pretrained(dyn_dir).eval()}  # the saved checkpoint, no arguments
-        for m, c in choices.items():
-            if m != a.metric:
-                models[f"dynamic_nf4[{m}]"] = bnb(defaults + c["skip_modules"])
+                  "nf4[gptq]": AutoModelForCausalLM.from_pretrained(gptq_dir).eval(),
+                  f"dynamic_nf4[{a.metric}]": AutoModelForCausalLM.from_pretrained(dyn_dir).eval()}  # the saved checkpoints, no arguments
+        for m, c in choices.items():  # layer choice alone: bitsandbytes' nearest rounding
+            models[f"dynamic_nf4[{m}, nearest]"] = bnb(defaults + c["skip_modules"])
         for b in filter(None, a.more_budgets.split(",")):
             c = choices[f"{a.metric}@{b}"] = d4.choose_from(errors, total16, float(b), a.metric)
-            models[f"dynamic_nf4[{a.metric}@{b}]"] = bnb(defaults + c["skip_modules"])
+            models[f"dynamic_nf4[{a.metric}@{b}, nearest]"] = bnb(defaults + c["skip_modules"])
         mem = {k: d4.weight_bytes(v) for k, v in models.items()}  # as loaded, before the fp32 compute below
         scores = score({k: fp32_compute(v) for k, v in models.items()}, held)
     nf4_gap = scores["nf4"]["kl"]
@@ -98,6 +103,8 @@ def main() -> int:
         "budget": a.budget,
         "default_skips_all_nf4": defaults,
         "saved_checkpoint_skip_modules": qrep["llm_int8_skip_modules"],
+        "saved_checkpoint_rounding": qrep["rounding"],
+        "gptq_output_err_vs_nearest": qrep.get("gptq", {}).get("output_err_vs_nearest"),
         "models": {k: {**scores[k], "memory_bytes": mem[k], "memory_vs_nf4": round(mem[k] / mem["nf4"], 4),
                        "kl_gap_closed": round(1 - scores[k]["kl"] / nf4_gap, 4) if nf4_gap else None} for k in models},
         "choices": {m: {"skip_modules": c["skip_modules"], "memory_estimate": c["memory_estimate"],

@@ -67,8 +67,9 @@ def dyn_dir(planted_dir, tmp_path_factory):
     calib.write_text("The Normans gave their name to Normandy, a region in France.\n\n" * 40)
     out = root / "dyn4"
     # 0.0015 of the NF4 model (mostly its 32k x 64 embedding) buys one 64 x 128 layer in 16-bit, not two.
+    # --rounding nearest: these tests are about which layer is kept; GPTQ's rounding has its own test below
     rc = main(["quantize", str(planted_dir), "--dynamic", "--budget", "0.0015", "--calib", str(calib),
-               "--calib-tokens", "1024", "--metric", "output", "--device", "cpu", "--out", str(out)])
+               "--calib-tokens", "1024", "--metric", "output", "--rounding", "nearest", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     return out
 
@@ -237,3 +238,82 @@ def test_calibration_file_that_is_not_utf8_is_a_clear_error(tmp_path):
     p.write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"calib\.jsonl:1: not valid UTF-8"):
         calibration_texts(str(p))
+
+
+def test_packed_codes_and_state_are_what_bitsandbytes_makes_of_the_same_codes():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbF
+    import torch
+
+    from phikit.models.dynamic4 import nf4_state, pack_nf4
+
+    w = (torch.randn(48, 192, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
+    q, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    code = bnbF.get_4bit_type("nf4", device="cpu").float()
+    blocks = w.float().view(-1, 64)
+    absmax = blocks.abs().amax(1)
+    codes = torch.bucketize(blocks / absmax[:, None], (code[1:] + code[:-1]) / 2).to(torch.uint8).view(48, 192)
+    packed, mine = pack_nf4(codes), nf4_state(absmax, state.shape, state.dtype)
+    assert torch.equal(packed, q)
+    assert torch.equal(bnbF.dequantize_4bit(packed, mine), bnbF.dequantize_4bit(q, state))
+
+
+def test_gptq_nf4_keeps_less_output_error_than_nearest_rounding():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbF
+    import torch
+
+    from phikit.models.dynamic4 import gptq_nf4
+
+    g = torch.Generator().manual_seed(0)
+    # inputs with correlated features (as activations have), so compensating across columns can pay
+    x = torch.randn(2048, 32, generator=g) @ torch.randn(32, 128, generator=g) + 0.1 * torch.randn(2048, 128, generator=g)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    codes, absmax = gptq_nf4(w, x.T @ x)
+    code = bnbF.get_4bit_type("nf4", device="cpu").float()
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and absmax.shape == (64 * 2,)
+    wb = w.to(torch.bfloat16).float()
+    wg = (code[codes.long()].view(64, 2, 64) * absmax.view(64, 2, 1)).view(64, 128)
+    am = wb.view(64, 2, 64).abs().amax(-1, keepdim=True)
+    wn = (code[torch.bucketize(wb.view(64, 2, 64) / am, (code[1:] + code[:-1]) / 2)] * am).view(64, 128)
+    err_g, err_n = float((x @ (wg - wb).T).pow(2).sum()), float((x @ (wn - wb).T).pow(2).sum())
+    assert err_g < 0.8 * err_n
+    with pytest.raises(ValueError, match="multiple of 64"):
+        gptq_nf4(torch.randn(8, 96), torch.eye(96))
+
+
+def test_gptq_rounded_checkpoint_loads_plainly_and_beats_nearest_on_text_like_its_calibration(planted_dir, tmp_path):
+    """GPTQ's codes make an ordinary NF4 checkpoint (plain transformers loads it, every layer Linear4bit) whose
+    next-token distributions on held-out text of the calibration's kind are closer to the 16-bit model's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phikit.models.dynamic4 import quantize_dynamic
+
+    words = "alpha river stone cloud market yellow quiet engine paper forest seven orbit candle violin harbor tiger".split()
+
+    def text(seed, n):
+        g = torch.Generator().manual_seed(seed)
+        return " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist())
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(text(s, 60) for s in range(40)))
+    outs = {}
+    for r in ("nearest", "gptq"):
+        outs[r] = tmp_path / r
+        rep = quantize_dynamic(str(planted_dir), outs[r], dynamic=False, rounding=r, calib=str(calib), calib_tokens=1024, device="cpu")
+        assert rep["rounding"] == r
+    assert rep["gptq"]["layers"] == 8 and all(v < 1 for v in rep["gptq"]["output_err_vs_nearest"].values())
+    tok = AutoTokenizer.from_pretrained(planted_dir)
+    ids = torch.tensor([tok(text(100 + i, 200))["input_ids"][:128] for i in range(4)])  # held out: other draws
+    ref = AutoModelForCausalLM.from_pretrained(planted_dir, dtype=torch.bfloat16)
+    kl = {}
+    with torch.no_grad():
+        p = F.log_softmax(ref(ids).logits.float(), -1)
+        for r, d in outs.items():
+            m = AutoModelForCausalLM.from_pretrained(d)  # no arguments
+            assert all(type(x) is bnb.nn.Linear4bit for n, x in m.named_modules() if n.endswith("_proj"))
+            kl[r] = float((p.exp() * (p - F.log_softmax(m(ids).logits.float(), -1))).sum(-1).mean())
+    assert kl["gptq"] < 0.5 * kl["nearest"]

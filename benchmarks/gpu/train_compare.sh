@@ -6,7 +6,9 @@
 #   .carry/old the previous commit's code: git archive HEAD src benchmarks | tar -x -C .carry/old
 # Rows (train_speed's fields, plus "side": new | old | unsloth) go to $OUT/train_compare.jsonl.
 # STEPS / WARMUP: timed and untimed steps of each side [8 / 2]; IMPL: the phikit variant of train_speed.py [phikit];
-# LLAMAFY=1: also the new side on the checkpoint converted to the Llama layout (issue 24), side new-llama.
+# LLAMAFY=1: also the new side on the checkpoint converted to the Llama layout (issue 24), side new-llama (built
+# beside the checkpoint, PREBUILD included); UNFUSED=1 with it: also side new-llama-unfused (train_speed's
+# phikit-unfused: each split projection its own product).
 # SIDES: which of old, new, unsloth run [all three]. FP8=1: also the new side with the base's products in FP8
 # (train_speed's phikit-fp8 variant, issue 23), side new-fp8.
 # `curve` (Phi-4-mini): instead of speed, the loss curves of phikit and phikit-fp8 over CURVE steps [200] of fresh
@@ -32,7 +34,16 @@ for line in sys.stdin:
 
 build() {  # the random checkpoint of shape $1 in /tmp/ck-$1 (kept until that shape has run, also across warm calls)
   PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "import sys; sys.path.insert(0, 'benchmarks/speed'); import train_speed as t; t.build_random('/tmp/ck-$1', '$1', 4096)" \
-    && touch /tmp/ck-$1/.built
+    && touch /tmp/ck-$1/.built && { [ -z "$LLAMAFY" ] || llamafy /tmp/ck-$1; }
+}
+
+llamafy() {  # $1 converted to the Llama layout (models/llamafy.to_llama) in $1-llama
+  PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "
+import torch
+from transformers import AutoModelForCausalLM
+from phikit.models.llamafy import to_llama
+to_llama(AutoModelForCausalLM.from_pretrained('$1', dtype=torch.bfloat16)).save_pretrained('$1-llama')" 2>>$OUT/llamafy.log \
+    && touch $1-llama/.built
 }
 
 for what in "$@"; do
@@ -63,13 +74,12 @@ for what in "$@"; do
     2>>$OUT/new-fp8-$size.log | row new-fp8
   [[ $SIDES == *unsloth* ]] && PYTHONPATH=/tmp/uns:/tmp/bnb timeout 200 python3 .pk/unsloth_train.py --path $ck --size $size --seq 2048 --micro-batch $mb \
     --dropout 0 --steps $STEPS --warmup $WARMUP 2>>$OUT/unsloth-$size.log | row unsloth
-  if [ -n "$LLAMAFY" ]; then  # the same checkpoint in the Llama layout (models/llamafy.to_llama), phikit's new side on it
-    PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "
-import torch
-from transformers import AutoModelForCausalLM
-from phikit.models.llamafy import to_llama
-to_llama(AutoModelForCausalLM.from_pretrained('$ck', dtype=torch.bfloat16)).save_pretrained('$ck-llama')" 2>>$OUT/llamafy-$size.log \
-      && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py ${args/$ck/$ck-llama} 2>>$OUT/new-llama-$size.log | row new-llama
+  if [ -n "$LLAMAFY" ]; then  # the same checkpoint in the Llama layout, phikit's new side on it
+    [ -e $ck-llama/.built ] || llamafy $ck || exit 1
+    largs=${args/$ck/$ck-llama}
+    PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $largs 2>>$OUT/new-llama-$size.log | row new-llama
+    [ -n "$UNFUSED" ] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py \
+      ${largs/--impl ${IMPL:-phikit}/--impl phikit-unfused} 2>>$OUT/new-llama-unfused-$size.log | row new-llama-unfused
     rm -rf "$ck-llama"
   fi
   rm -rf "$ck"

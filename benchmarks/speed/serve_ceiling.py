@@ -33,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: com
 from common import add_out, emit  # noqa: E402
 
 
-def serve(argv: list[str], step_s: float, loop: str | None, cpu_file: str) -> None:
+def serve(argv: list[str], step_s: float, loop: str | None, cpu_file: str, switch_s: float | None = None) -> None:
     """`phikit serve argv` with every backend's batch model replaced by SleepBatch; the CPU it has used is written to
-    `cpu_file` every 0.5 s as "time cpu_seconds"."""
+    `cpu_file` every 0.5 s as "time cpu_seconds". `switch_s`: the interpreter's switch interval, if given."""
+    if switch_s:
+        sys.setswitchinterval(switch_s)
     from phikit.engine.scheduler import BatchModel
 
     class SleepBatch(BatchModel):
@@ -122,8 +124,8 @@ def clients(port: int, name: str, n: int, tokens: int) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("--serve-child", "--client-child"):
         if sys.argv[1] == "--serve-child":
-            step, loop, cpu_file, *rest = sys.argv[2:]
-            serve(rest, float(step), loop or None, cpu_file)
+            step, loop, cpu_file, switch, *rest = sys.argv[2:]
+            serve(rest, float(step), loop or None, cpu_file, float(switch) if switch else None)
         else:
             port, name, n, tokens = sys.argv[2:]
             clients(int(port), name, int(n), int(tokens))
@@ -134,6 +136,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=300, help="tokens each client asks for")
     ap.add_argument("--loop", default=None, help="uvicorn's event loop (default: its own choice: uvloop where installed)")
     ap.add_argument("--model", default=None, help="default: the embedded GGUF")
+    ap.add_argument("--switch-ms", type=float, default=None, help="the server's sys.setswitchinterval (default: its own)")
     ap.add_argument("--port", type=int, default=47391)
     add_out(ap)
     args = ap.parse_args()
@@ -144,6 +147,7 @@ def main() -> None:
     open(cpu_file, "w").close()
     model = ["--model", args.model] if args.model else []
     server = subprocess.Popen([sys.executable, __file__, "--serve-child", str(args.step_ms / 1e3), args.loop or "", cpu_file,
+                               str(args.switch_ms / 1e3) if args.switch_ms else "",
                                "--port", str(args.port), *model, "--parallel", str(max(args.clients)),
                                "--log-level", "warning", "--max-tokens-limit", "100000"])
     url = f"http://127.0.0.1:{args.port}"
@@ -172,7 +176,7 @@ def main() -> None:
             emit({"measure": "serve_ceiling", "clients": n, "step_ms": args.step_ms, "tokens_each": args.tokens,
                   "events_per_s": round(rate, 1), "ideal_events_per_s": round(ideal, 1), "of_ideal": round(rate / ideal, 3),
                   "server_cpu_s_per_s": round(cpu, 3), "server_cpu_us_per_event": round(1e6 * cpu / rate, 1),
-                  "loop": loop, "cpus": os.cpu_count(), "python": platform.python_version()}, args.out)
+                  "loop": loop, "switch_ms": args.switch_ms or sys.getswitchinterval() * 1e3, "cpus": os.cpu_count(), "python": platform.python_version()}, args.out)
     finally:
         server.terminate()
         server.wait(30)

@@ -175,12 +175,13 @@ def _lora_model(model_dir, dropout: float, dtype=torch.float64):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from phikit.models.registry import PHI_LORA_TARGETS
+    from phikit.models.registry import LLAMA_LORA_TARGETS, PHI_LORA_TARGETS
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=PHI_LORA_TARGETS, task_type="CAUSAL_LM"))
+    targets = LLAMA_LORA_TARGETS if model.config.model_type == "llama" else PHI_LORA_TARGETS
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"))
     for n, p in model.named_parameters():
         if "lora_B" in n:  # B starts at zero, which would hide A's gradient
             torch.nn.init.normal_(p, std=0.02)
@@ -222,11 +223,13 @@ def test_tiled_mlp_equals_the_plain_mlp_without_dropout(tiny_dirs):
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(got, want))
 
 
-@pytest.mark.parametrize("compile,tile", [(False, True), (True, False), (True, True)])
-def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs, compile, tile):
+@pytest.mark.parametrize("compile,tile,family", [(False, True, "phi4-mini"), (True, False, "phi4-mini"), (True, True, "phi4-mini"),
+                                                 (True, False, "chatml")])
+def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs, compile, tile, family):
     """With dropout on, the recomputes must draw the masks the forward drew. A directional
     finite difference of the loss (same seed, so same masks) checks the gradient they produce,
-    eagerly and through the compiled layers (whose dropout draws its own random numbers)."""
+    eagerly and through the compiled layers (whose dropout draws its own random numbers); on a Llama
+    layout ("chatml", SmolLM2's architecture) the siblings share their LoRA A product and its mask."""
     from phikit.train.speedups.offload import offload_checkpointing
     from phikit.train.speedups.tiled_mlp import tile_mlp
 
@@ -234,9 +237,11 @@ def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs, com
         # torch 2.11's inductor on the CPU, in float64 with fallback_random, raises "expected scalar type Double
         # but found Float" in this test; the CUDA test below checks the compiled path against eager there.
         pytest.xfail("torch < 2.13: inductor fails on float64 CPU layers with fallback_random")
-    model = _lora_model(tiny_dirs["phi4-mini"], dropout=0.3)
+    model = _lora_model(tiny_dirs[family], dropout=0.3)
     layers = model.get_base_model().model.layers
     offload_checkpointing(layers, compile=compile)
+    if family == "chatml":
+        assert layers[0].self_attn.q_proj.lora_group == (layers[0].self_attn.k_proj, layers[0].self_attn.v_proj)
     for layer in layers if tile else []:
         tile_mlp(layer.mlp, min_tokens=1, rows=16)
     batch = _batch(model.config.vocab_size)
@@ -387,9 +392,10 @@ def test_compiled_nf4_layers_equal_bitsandbytes_and_share_one_graph(monkeypatch)
         assert torch.equal(torch.autograd.grad(g.float().pow(2).sum(), x)[0], w)
 
 
-def _llama_nf4_layer(dtype=torch.float32):
+def _llama_nf4_layer(dtype=torch.float32, fuse: bool = True):
     """A transformers Llama decoder layer (hidden 64, 4 heads / 2 KV heads) with NF4 projections (compute in
-    `dtype`) under peft LoRA on all seven, on phikit's fast_lora forward; and its rotary embedding."""
+    `dtype`) under peft LoRA on all seven, on phikit's fast_lora forward (`fuse`: siblings' A products shared);
+    and its rotary embedding."""
     from bitsandbytes.nn import Linear4bit, Params4bit
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import LlamaConfig
@@ -409,19 +415,19 @@ def _llama_nf4_layer(dtype=torch.float32):
                 setattr(parent, name, m)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), layer)
-    fast_lora(layer)
+    fast_lora(layer, fuse=fuse)
     return layer, LlamaRotaryEmbedding(cfg)
 
 
 def _fused_against_split(device: str) -> None:
-    """compile_nf4 with and without fuse on two Llama layers (_llama_nf4_layer, fp32) on `device`: the saved
-    weights, the graph count, and the outputs and gradients of both (fp32: summation order only)."""
+    """compile_nf4 and fast_lora with and without fuse on two Llama layers (_llama_nf4_layer, fp32) on `device`:
+    the saved weights, the graph count, and the outputs and gradients of both (fp32: summation order only)."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from phikit.train.speedups.nf4 import compile_nf4
 
     def run(fuse: bool):
-        layers = [_llama_nf4_layer() for _ in range(2)]
+        layers = [_llama_nf4_layer(fuse=fuse) for _ in range(2)]
         rope = layers[0][1].to(device)
         layers = [layer.to(device) for layer, _ in layers]
         assert [compile_nf4(layer, fuse=fuse) for layer in layers] == [7, 7]
@@ -437,13 +443,15 @@ def _fused_against_split(device: str) -> None:
             y = y[0] if isinstance(y, tuple) else y
             lora = [p for name, p in layer.named_parameters() if "lora" in name]
             out.append((y, *torch.autograd.grad(y.pow(2).sum(), [x] + lora)))
-        weights = sorted(tuple(t.shape) for t in saved if t.dim() == 2 and 4 not in t.shape and t.shape[0] != 10)
+        weights = sorted(tuple(t.shape) for t in saved if t.dim() == 2 and t.shape[0] != 10)
         return out, weights, torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     split, split_weights, split_graphs = run(False)
     fused, fused_weights, fused_graphs = run(True)
-    assert split_weights == [(32, 64), (32, 64), (64, 64), (64, 64), (64, 128), (128, 64), (128, 64)]
-    assert fused_weights == [(64, 64), (64, 128), (128, 64), (256, 64)]  # o, down; q+k+v, gate+up
+    base = [w for w in split_weights if 4 not in w]
+    assert base == [(32, 64), (32, 64), (64, 64), (64, 64), (64, 128), (128, 64), (128, 64)]
+    # fused: o, down; q+k+v, gate+up; and LoRA's A matrices of q+k+v (12 rows) and gate+up (8) stacked
+    assert [w for w in fused_weights if 4 not in w] == [(8, 64), (12, 64), (64, 64), (64, 128), (128, 64), (256, 64)]
     assert split_graphs == fused_graphs == 1
     for want, got in zip(split, fused):
         for a, b in zip(want, got):

@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--sampled", action="store_true",
                     help="also time each batch size with every row sampling (temperature 0.7, a seed per row), as serve.py's clients do")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="CUDA: also run 8 steps of each batch under torch.profiler: its table to DIR/b{B}-{sampling}.txt, and "
+                         "the GPU's busy time a step (kernels' own time) beside the step's wall time in the row")
     ap.add_argument("--tinygemm-max-m", type=int, default=None,
                     help="int4: rows up to which Int4Linear runs tinygemm (default: its own; above, dequantise + cuBLAS)")
     add_out(ap)
@@ -157,9 +160,26 @@ def main() -> None:
         sync()
         dt = (time.perf_counter() - t0) / args.steps
         one.setdefault(how, b / dt)
-        emit({"measure": "decode_step", "path": base["batch_model"], "sampling": how, "batch": b, "step_ms": round(1e3 * dt, 3),
-              "tokens_per_s": round(b / dt, 1), "over_batch_1": round(b / dt / one[how], 2),
-              "bandwidth_tb_s": round(weights / dt / 1e12, 4), **base}, args.out)
+        row = {"measure": "decode_step", "path": base["batch_model"], "sampling": how, "batch": b, "step_ms": round(1e3 * dt, 3),
+               "tokens_per_s": round(b / dt, 1), "over_batch_1": round(b / dt / one[how], 2),
+               "bandwidth_tb_s": round(weights / dt / 1e12, 4)}
+        if args.profile and cuda:  # where a step's time goes: the GPU's kernels against the wall
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                for _ in range(8):
+                    step()
+                sync()
+                wall = (time.perf_counter() - t0) / 8
+            table = prof.key_averages()
+            row["profiled_step_ms"] = round(1e3 * wall, 3)
+            row["gpu_busy_ms"] = round(sum(e.self_device_time_total for e in table) / 8 / 1e3, 3)
+            os.makedirs(args.profile, exist_ok=True)
+            Path(args.profile, f"b{b}-{how}.txt").write_text(
+                table.table(sort_by="self_device_time_total", row_limit=30) + "\n"
+                + table.table(sort_by="self_cpu_time_total", row_limit=30))
+        emit({**row, **base}, args.out)
         for s in seqs:
             bm.finish(s, keep=False)
     close = getattr(bm, "close", None)

@@ -4,7 +4,8 @@
 #   PREBUILD=phi-4 with `test`: that shape's checkpoint is built while the tests run, for a later call on the warm machine
 #   .pk        ../shared/peers/build_h200_pack.sh's packs (bitsandbytes + liger-kernel; Unsloth) and unsloth_train.py
 #   .carry/old the previous commit's code: git archive HEAD src benchmarks | tar -x -C .carry/old
-# Rows (train_speed's fields, plus "side": new | old | unsloth) go to $OUT/train_compare.jsonl.
+# Rows (train_speed's fields, plus "side": new | old | unsloth) go to $OUT/train_compare.jsonl, in the order old, new,
+# new-fp8, new-llama, new-llama-unfused, unsloth.
 # STEPS / WARMUP: timed and untimed steps of each side [8 / 2]; IMPL: the phikit variant of train_speed.py [phikit];
 # LLAMAFY=1: also the new side on the checkpoint converted to the Llama layout (issue 24), side new-llama (built
 # beside the checkpoint, PREBUILD included); UNFUSED=1 with it: also side new-llama-unfused (train_speed's
@@ -72,8 +73,6 @@ for what in "$@"; do
   [[ $SIDES == *new* ]] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $args 2>>$OUT/new-$size.log | row new
   [ -n "$FP8" ] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py ${args/--impl ${IMPL:-phikit}/--impl phikit-fp8} \
     2>>$OUT/new-fp8-$size.log | row new-fp8
-  [[ $SIDES == *unsloth* ]] && PYTHONPATH=/tmp/uns:/tmp/bnb timeout 200 python3 .pk/unsloth_train.py --path $ck --size $size --seq 2048 --micro-batch $mb \
-    --dropout 0 --steps $STEPS --warmup $WARMUP 2>>$OUT/unsloth-$size.log | row unsloth
   if [ -n "$LLAMAFY" ]; then  # the same checkpoint in the Llama layout, phikit's new side on it
     [ -e $ck-llama/.built ] || llamafy $ck || exit 1
     largs=${args/$ck/$ck-llama}
@@ -82,5 +81,7 @@ for what in "$@"; do
       ${largs/--impl ${IMPL:-phikit}/--impl phikit-unfused} 2>>$OUT/new-llama-unfused-$size.log | row new-llama-unfused
     rm -rf "$ck-llama"
   fi
+  [[ $SIDES == *unsloth* ]] && PYTHONPATH=/tmp/uns:/tmp/bnb timeout 200 python3 .pk/unsloth_train.py --path $ck --size $size --seq 2048 --micro-batch $mb \
+    --dropout 0 --steps $STEPS --warmup $WARMUP 2>>$OUT/unsloth-$size.log | row unsloth
   rm -rf "$ck"
 done

@@ -208,7 +208,7 @@ class StaticDecoder:
             raise ValueError(f"{n} prompt + {max_new} new tokens do not fit a {self.max_cache_len}-position cache")
         gen = None
         if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+            gen = torch.Generator().manual_seed(params.seed)  # on the host: sampling.sample_rows draws there
         # no_grad per call, never across a yield: the caller's grad mode stays its own
         with torch.no_grad():
             logits = self._prefill(prompt_ids)

@@ -122,7 +122,7 @@ class HFBackend(LocalBackend):
 
         gen = None
         if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+            gen = torch.Generator().manual_seed(params.seed)  # on the host: sampling.sample_rows draws there
         cache = DynamicCache()
         constraint = None
         if params.json_schema is not None:
@@ -223,7 +223,7 @@ def make_sampler(be: "HFBackend", params: SamplingParams) -> tuple:
     """A sequence's sampling state for a batch: its seeded generator and its JSON constraint (either may be None)."""
     import torch
 
-    gen = torch.Generator(device=be.device).manual_seed(params.seed) if params.seed is not None else None
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None  # on the host (sample_rows)
     constraint = None
     if params.json_schema is not None:
         from ..constrain import hf_json_mask

@@ -20,7 +20,8 @@ joins or leaves. Here, as in the batch-1 fast path (cuda_fast.py):
   are padding pointed at the spare slot. Each layer's cache write and attention is one custom operator
   (`kernels.decode_attention.slot_write_attention`), which keeps the compiled write in place.
 - Sampling: every row that needs no JSON constraint or log-probabilities is drawn in one batched call
-  (`sampling.sample_rows`) and the tokens reach the host in one copy.
+  (`sampling.sample_rows`, queued behind the forward without waiting for it) and the tokens reach the host
+  in one copy.
 - Prompts are read in slices (`step_tokens` per step, shared by all prompts of the step) by an eager
   [prompts, slice] forward, between the decode steps, so a long prompt never stalls the streams.
 - Prompt cache: a finished sequence's slot stays as a cached prefix; a prompt that begins with it

@@ -182,10 +182,11 @@ def test_decode_attention_kernel_matches_softmax_attention_over_the_kept_slots(h
 
 
 @pytest.mark.parametrize("hq,hkv,d,length", [(24, 8, 128, 512), (4, 2, 32, 100)])
-@pytest.mark.parametrize("per_program", [16, 1024])
-def test_slot_decode_attention_reads_each_rows_own_slot_up_to_its_position(hq, hkv, d, length, per_program):
+@pytest.mark.parametrize("per_program,max_programs", [(16, None), (1024, None), (16, 8)])
+def test_slot_decode_attention_reads_each_rows_own_slot_up_to_its_position(hq, hkv, d, length, per_program, max_programs):
     """The batched kernel (SlotBatch's decode step) against SDPA in float64 on each row's slot alone, and the plain
-    torch path it replaces off CUDA: rows of different lengths, two rows on one slot, a row at position 0."""
+    torch path it replaces off CUDA: rows of different lengths, two rows on one slot, a row at position 0. Split
+    as one row's plan says, or (max_programs) into fewer splits, one here, for the rows and heads."""
     kt = pytest.importorskip("phikit.engine.kernels.decode_attention_triton")
     from phikit.engine.kernels.decode_attention import slot_attention
 
@@ -196,7 +197,8 @@ def test_slot_decode_attention_reads_each_rows_own_slot_up_to_its_position(hq, h
     slot = torch.tensor([3, 0, 3, 4], device=dev)
     pos = torch.tensor([length - 1, 0, length // 3, 17], device=dev)
     q = torch.randn(4, hq, 1, d, device=dev)
-    got = kt.slot_decode_attention_triton(q, keys, values, slot, pos, d ** -0.5, slots_per_program=per_program)
+    got = kt.slot_decode_attention_triton(q, keys, values, slot, pos, d ** -0.5, slots_per_program=per_program,
+                                          max_programs=max_programs)
     assert got.shape == (4, 1, hq, d)
     plain = slot_attention(q.cpu(), keys.cpu(), values.cpu(), slot.cpu(), pos.cpu(), d ** -0.5, length)
     tol = 1e-4 if dev == "cpu" else 5e-3

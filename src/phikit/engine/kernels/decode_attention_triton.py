@@ -200,14 +200,29 @@ def _slot_attn_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, out_ptr, m_ptr, l_
     _store(acc, m_i, l_i, r * HQ + h * G + g, g < G, d, part, out_ptr, m_ptr, l_ptr, D, SPLITS)
 
 
+# The most programs the batched kernel splits a step's slots into: about 8 per SM of an H100 or H200 (132 SMs).
+SLOT_PROGRAMS = 1024
+
+
 def slot_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor,
-                                 scale: float, slots_per_program: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """q [R, Hq, 1, D], keys/values [slots, L, Hkv, D] (last dim contiguous), slot/pos [R] -> [R, 1, Hq, D]."""
+                                 scale: float, slots_per_program: int | None = None, num_warps: int = 4,
+                                 max_programs: int | None = SLOT_PROGRAMS) -> torch.Tensor:
+    """q [R, Hq, 1, D], keys/values [slots, L, Hkv, D] (last dim contiguous), slot/pos [R] -> [R, 1, Hq, D].
+
+    The slots are split as for one row (`_plan`, by the slot length L), but into no more splits than keep the grid
+    (rows, key/value heads, splits) within `max_programs` (None: no bound): rows and heads fill the GPU at larger
+    batches, and the grid is fixed by L (a captured step cannot see the positions), so a program whose split lies
+    past its row's position still costs its launch. Unbounded, 64 rows of Phi-4-mini (8 key/value heads, 32 splits
+    of 2,048 slots) made 16,384 programs, most of them empty: 128 us a layer on the H100, 45% of the decode step
+    (benchmarks/speed/batch_decode.py --profile)."""
     r, hq, _, d = q.shape
     length, hkv = keys.shape[1], keys.shape[2]
     if keys.stride(3) != 1 or values.stride(3) != 1:
         raise ValueError("slot_decode_attention_triton needs the cache's last dimension contiguous")
     block_s, splits, split_s, g, gp = _plan(length, hq, hkv, slots_per_program, None)
+    if max_programs and r * hkv * splits > max_programs:
+        splits = 1 << max(0, (max_programs // (r * hkv)).bit_length() - 1)  # the largest power of two within the bound
+        split_s = triton.cdiv(triton.cdiv(length, splits), block_s) * block_s
     q2 = q.reshape(r, hq, d)
     if q2.stride(2) != 1:
         q2 = q2.contiguous()

@@ -5,7 +5,6 @@ switched by one field of `SpeedOptions`, which setup builds from the TrainConfig
     offload         offload.py         decoder layers checkpointed, their inputs in pinned CPU memory
     compile         compiled.py        each offloaded layer through torch.compile, one region for all
     compile_nf4     nf4.py             NF4 dequantised by torch ops inside that region
-    fuse_siblings   nf4.py, fast_lora  there, projections that read one input (q/k/v, gate/up) share products
     fp8             fp8.py             there, the base's products in FP8 (opt-in)
     fast_lora       fast_lora.py       peft's LoRA layers on a plain forward there, dropout hashed
                     hashed_dropout.py    (the masks a recompute replays from torch's generator)
@@ -35,8 +34,6 @@ class SpeedOptions:
     offload: bool = False  # offload.py (with checkpointing, one process, CUDA)
     compile: bool = False  # the offloaded layers through torch.compile (with offload only)
     compile_nf4: bool = True  # inside compiled layers (nf4.py)
-    fuse_siblings: bool = True  # in compiled layers: split projections of one input share the base's (compile_nf4, not
-    # fp8) and LoRA's A product (fast_lora) (nf4.py, fast_lora.py)
     fp8: bool = False  # with compile_nf4: the NF4 layers' products in FP8 (fp8.py; opt-in, cfg.fp8)
     fast_lora: bool = True  # inside compiled layers (fast_lora.py, hashed_dropout.py)
     tile_mlp: bool = True  # in offloaded layers, from 32k tokens a micro-batch (tiled_mlp.py)
@@ -95,8 +92,7 @@ def apply(model, layers, options: SpeedOptions) -> Speedups:
         from .offload import offload_checkpointing
 
         made.layers = offload_checkpointing(layers, compile=options.compile, nf4=options.compile_nf4,
-                                            lora=options.fast_lora, tile=options.tile_mlp, fp8=options.fp8,
-                                            fuse=options.fuse_siblings)
+                                            lora=options.fast_lora, tile=options.tile_mlp, fp8=options.fp8)
         if options.host_embedding:
             from .host_embedding import host_embedding
 

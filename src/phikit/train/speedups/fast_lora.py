@@ -1,8 +1,7 @@
 """peft's LoRA layers on a plain forward: base(x) + B(A(dropout(x)) * scaling), the scaling on the rank-r
 product and the dropout hashed (hashed_dropout.py). Why: in a compiled layer, peft's `* scaling` on the full
 output (even by 1.0) makes the backward write a scaled copy of each output gradient, and torch's dropout
-keeps its outputs and masks for the backward. Split projections of one input (a Llama layout's q/k/v,
-gate/up) share one A product (`fuse`)."""
+keeps its outputs and masks for the backward."""
 
 from __future__ import annotations
 
@@ -11,10 +10,9 @@ import functools
 import torch
 
 from .hashed_dropout import DropoutSeed, hash_dropout
-from .nf4 import SIBLINGS
 
 
-def fast_lora(module: torch.nn.Module, seed: DropoutSeed | None = None, fuse: bool = True) -> int:
+def fast_lora(module: torch.nn.Module, seed: DropoutSeed | None = None) -> int:
     """peft's LoRA linear layers in `module` run the plain LoRA forward below (in place; returns how many).
     `seed`: the DropoutSeed their dropout hashes (each layer its own site), which the caller redraws before
     each forward; without it (or while it is `chunked`) each call draws its own.
@@ -26,7 +24,7 @@ def fast_lora(module: torch.nn.Module, seed: DropoutSeed | None = None, fuse: bo
     Anything but that plain case (merged or disabled adapters, DoRA and other variants, a LoRA bias, mixed
     adapter batches) runs peft's own forward. The class changes, as in compile_nf4, so one compiled graph
     still serves every layer; the dropout masks differ from peft's (another generator), so the stock path's
-    masks are not reproduced once this is applied. `fuse`: SIBLINGS share their A product (`fuse_siblings`).
+    masks are not reproduced once this is applied.
     """
     try:
         from peft.tuners.lora import LoraLayer
@@ -43,33 +41,7 @@ def fast_lora(module: torch.nn.Module, seed: DropoutSeed | None = None, fuse: bo
             m.register_buffer("phikit_seed", seed.tensor, persistent=False)
             m.phikit_dropout, m.phikit_site = seed, site
             site += 1
-    if fuse:
-        fuse_siblings(module)
     return n
-
-
-def fuse_siblings(module: torch.nn.Module) -> int:
-    """Each group of SIBLINGS in `module` that are fast LoRA layers of one input width runs one A product:
-    the first multiplies the (dropped-out) input by its A matrices stacked, keeps its own r columns and leaves
-    each sibling, called next on the same tensor, its columns (`lora_pending`, cleared when read; on any
-    other input a sibling runs alone). Returns how many groups.
-
-    Why: in a Llama layout each projection has its own A, so q, k and v read the layer's input three times
-    for rank-r products (and their backward three more), where the fused layout's qkv_proj reads it once;
-    with nf4.fuse_siblings for the base's products, the split layout does the fused one's work. The group
-    shares one dropout mask (the first's), as the fused layout's one dropout on the shared input does.
-    Each sibling keeps its own A and B, scaling and gradients."""
-    groups = 0
-    for parent in module.modules():
-        for names in SIBLINGS:
-            parts = [getattr(parent, name, None) for name in names]
-            if all(getattr(type(m), "_phikit_fast_lora", False) for m in parts) and \
-                    len({m.base_layer.in_features for m in parts}) == 1:
-                parts[0].lora_group = tuple(parts[1:])
-                for m in parts[1:]:
-                    m.lora_pending = None
-                groups += 1
-    return groups
 
 
 @functools.cache
@@ -84,35 +56,19 @@ def _fast_lora_class(base: type) -> type:
                 for a in self.active_adapters if a in self.lora_A)
 
         def forward(self, x, *args, **kwargs):
-            pending = getattr(self, "lora_pending", None)
-            if pending is not None:  # a sibling multiplied this input by our A already (fuse_siblings)
-                self.lora_pending = None
             if args or kwargs or not self._plain():
                 return super().forward(x, *args, **kwargs)
             result = self.base_layer(x)
-            adapters = [a for a in self.active_adapters if a in self.lora_A]
-            if pending is not None and pending[0] is x:
-                (a,) = adapters
-                return result + self.lora_B[a](pending[1] * self.scaling[a]).to(result.dtype)
-            group = getattr(self, "lora_group", ())
-            if group and not (len(adapters) == 1 and all(
-                    m._plain() and [a for a in m.active_adapters if a in m.lora_A] == adapters for m in group)):
-                group = ()  # the siblings are not alike now (another adapter, disabled or merged): each alone
-            for a in adapters:
+            for a in self.active_adapters:
+                if a not in self.lora_A:
+                    continue
                 lora_A, lora_B, drop = self.lora_A[a], self.lora_B[a], self.lora_dropout[a]
                 h = x if torch.is_autocast_enabled() else x.to(lora_A.weight.dtype)  # as peft: its dtype without autocast
                 if isinstance(drop, torch.nn.Dropout) and drop.training:
                     scope = getattr(self, "phikit_dropout", None)
                     seed = None if scope is None or scope.per_call else self.phikit_seed
                     h = hash_dropout(h, drop.p, seed, getattr(self, "phikit_site", 0), scope)
-                if group:
-                    mine, *theirs = torch.nn.functional.linear(h, torch.cat([m.lora_A[a].weight for m in (self, *group)])).split(
-                        [m.lora_A[a].out_features for m in (self, *group)], dim=-1)
-                    for m, cols in zip(group, theirs):
-                        m.lora_pending = (x, cols)
-                else:
-                    mine = lora_A(h)
-                result = result + lora_B(mine * self.scaling[a]).to(result.dtype)
+                result = result + lora_B(lora_A(h) * self.scaling[a]).to(result.dtype)
             return result
 
     FastLora.__name__ = FastLora.__qualname__ = f"FastLora{base.__name__}"

@@ -1,7 +1,6 @@
 """bitsandbytes' NF4 dequantisation in torch ops inside a compiled layer. Why: each bitsandbytes call is a
 Python custom op with ~60-80 us of host work, ~600 a Phi-4-mini step, enough to leave the GPU waiting; as
-torch ops the dequantisation compiles into the layer's graph at no host cost. There, projections that read
-the same input (a Llama layout's q/k/v and gate/up) also share one product (`fuse`)."""
+torch ops the dequantisation compiles into the layer's graph at no host cost."""
 
 from __future__ import annotations
 
@@ -24,16 +23,10 @@ def _nf4_weight(packed, absmax_q, absmax2, code2, offset, code, blocksize: int, 
     return (code[nibbles.long()].view(n_blocks, blocksize) * absmax[:, None]).to(dtype).view(shape)
 
 
-# Projections that read one input, in the order a decoder layer calls them (transformers' Llama, Mistral, Qwen2
-# attention and MLP call q, k, v and then gate, up on the same tensor).
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def compile_nf4(module: torch.nn.Module, fp8: bool = False, fuse: bool = True) -> int:
+def compile_nf4(module: torch.nn.Module, fp8: bool = False) -> int:
     """Inside torch.compile, run `module`'s bitsandbytes NF4 linear layers (double-quantised, as phikit loads
     them) through `_nf4_weight` (in place; returns how many). Outside a compile they run as before.
-    `fp8`: their products run in FP8 there (fp8.py). `fuse` (not with fp8): SIBLINGS share one product there
-    (`fuse_siblings`).
+    `fp8`: their products run in FP8 there (fp8.py).
 
     Why: each bitsandbytes call is a Python custom op with ~60-80 µs of host work; Phi-4-mini's QLoRA step
     makes ~600 of them, enough to leave the GPU waiting. As torch ops the dequantisation compiles into the
@@ -63,49 +56,7 @@ def compile_nf4(module: torch.nn.Module, fp8: bool = False, fuse: bool = True) -
             del w
         m.__class__ = _nf4_class(Linear4bit)
         n += 1
-    if fuse and not fp8:
-        fuse_siblings(module)
     return n
-
-
-def fuse_siblings(module: torch.nn.Module) -> int:
-    """Inside torch.compile, each group of SIBLINGS in `module` that are compiled NF4 layers (or peft LoRA layers
-    over them) alike runs one product: the first dequantises the group's weights into one matrix, multiplies
-    the input once and returns its own columns; each sibling, called next on the same tensor, takes its
-    columns from there (on any other input it multiplies its own weight, as before). Returns how many groups.
-
-    Why: a Llama layout (phikit convert --to llama, train --llamafy) splits Phi's fused qkv_proj and
-    gate_up_proj, so each LoRA pair learns its own part; the base's product need not split with them. Split,
-    phi-4's k and v products are 1,280 columns wide, too narrow to fill an H100 (the layout trained 2.5% slower
-    than the fused one, docs/train.md); one product over the group is the fused layout's. The weight kept for
-    the backward is the group's one matrix, the same bytes as the parts'.
-    The siblings pass their columns through an attribute (`nf4_pending`, cleared when read), which
-    torch.compile traces as a side effect within the layer's graph: the layer's forward is not rewritten."""
-    groups = 0
-    for parent in module.modules():
-        for names in SIBLINGS:
-            parts = [_base(getattr(parent, name, None)) for name in names]
-            if not all(isinstance(m, _nf4_class(_linear4bit())) and not m.nf4_fp8 for m in parts):
-                continue
-            if len({(m.nf4_meta[0], m.nf4_meta[1], m.nf4_meta[3], m.compute_dtype, m.in_features, m.bias is None)
-                    for m in parts}) != 1:
-                continue  # fused only where one matrix holds them all
-            parts[0].nf4_group = tuple(parts[1:])
-            for m in parts[1:]:
-                m.nf4_pending = None
-            groups += 1
-    return groups
-
-
-def _base(m):
-    """The linear layer under a peft LoRA layer, or `m`."""
-    return getattr(m, "base_layer", m)
-
-
-def _linear4bit() -> type:
-    from bitsandbytes.nn import Linear4bit
-
-    return Linear4bit
 
 
 @functools.cache
@@ -114,35 +65,17 @@ def _nf4_class(base: type) -> type:
         def forward(self, x):
             if not torch.compiler.is_compiling():
                 return super().forward(x)
-            x_in, dtype = x, x.dtype
+            dtype = x.dtype
             x = x.to(self.compute_dtype or dtype)
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            pending, group = getattr(self, "nf4_pending", None), getattr(self, "nf4_group", ())
-            if pending is not None:  # a sibling multiplied this input already (fuse_siblings)
-                self.nf4_pending = None
-                if pending[0] is x_in:
-                    return pending[1]
             # The partitioner keeps W in bf16 from the recompute for the backward, which follows it at once:
             # one dequantisation per weight fewer a step (phi-4 on the H100: 10 ms of 384, for 0.43 GiB more at
             # the peak; Phi-4-mini: 0.14 GiB). bitsandbytes' MatMul4Bit dequantises again instead, and so did
             # this path, checkpointed, while the peaks were above the targets.
-            w = self.nf4_dequantised()
+            w = _nf4_weight(self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax2, self.nf4_code2, self.nf4_offset,
+                            self.nf4_code, *self.nf4_meta)
             if self.nf4_fp8:
                 return fp8_linear(x, w, bias, (self.fp8_rows, self.fp8_cols)).to(dtype)
-            if group:
-                w = torch.cat([w] + [m.nf4_dequantised() for m in group])
-                if bias is not None:
-                    bias = torch.cat([bias] + [m.bias.to(x.dtype) for m in group])
-            y = torch.nn.functional.linear(x, w.to(x.dtype), bias).to(dtype)
-            if not group:
-                return y
-            mine, *theirs = y.split([self.out_features] + [m.out_features for m in group], dim=-1)
-            for m, cols in zip(group, theirs):
-                m.nf4_pending = (x_in, cols)
-            return mine
-
-        def nf4_dequantised(self):
-            return _nf4_weight(self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax2, self.nf4_code2, self.nf4_offset,
-                               self.nf4_code, *self.nf4_meta)
+            return torch.nn.functional.linear(x, w.to(x.dtype), bias).to(dtype)
 
     return CompiledNF4Linear

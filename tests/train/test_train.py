@@ -129,7 +129,8 @@ def test_reported_eval_loss_is_of_the_final_weights(trained):
 
 
 @pytest.mark.parametrize("flag, value, says", [("limit", -1, "--limit"), ("limit", 0, "--limit"),
-                                                ("max_steps", 0, "--max-steps"), ("epochs", 0, "--epochs")])
+                                                ("max_steps", 0, "--max-steps"), ("epochs", 0, "--epochs"),
+                                                ("lora_layers", 0, "--lora-layers")])
 def test_out_of_range_settings_are_refused(tiny_dirs, facts_file, tmp_path, flag, value, says):
     with pytest.raises(PhikitError, match=says):
         _cfg(tiny_dirs["chatml"], facts_file, tmp_path / "o", **{flag: value, **({"max_steps": None} if flag == "epochs" else {})})
@@ -164,3 +165,18 @@ def test_adapter_loads_with_plain_peft_and_names_a_loadable_base(trained, tiny_d
     # The embedded default's folder holds only a GGUF, which peft cannot load: its adapters name the hub id.
     assert peft_base(resolve("smollm2-135m")) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert peft_base(resolve(str(tiny_dirs["chatml"]))) is None
+
+
+def test_lora_on_the_last_layers_only(tiny_dirs, facts_file, tmp_path):
+    """--lora-layers N: LoRA weights in the last N decoder layers only, none trained below (the backward stops there),
+    recorded in the adapter so it loads as trained; more layers than the model has is refused, naming the count."""
+    from safetensors import safe_open
+
+    out = tmp_path / "a"
+    train(_cfg(tiny_dirs["chatml"], facts_file, out, lora_layers=1, max_steps=1, save_every=0))
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        layers = {int(k.split(".layers.")[1].split(".")[0]) for k in f.keys()}
+    assert layers == {1}  # the tiny model's 2 layers: only the last
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    with pytest.raises(PhikitError, match="between 1 and the model's 2 decoder layers"):
+        train(_cfg(tiny_dirs["chatml"], facts_file, tmp_path / "b", lora_layers=3, max_steps=1))

@@ -40,6 +40,7 @@ HELP: dict[str | None, dict[str, str]] = {
         "lora_alpha": "[16]",
         "lora_dropout": "[0.05]",
         "lora_targets": "comma-separated module names [the registry's: all linear projections]",
+        "lora_layers": "LoRA on the last N decoder layers only; the backward pass stops below them [all layers]",
     },
     "optimisation": {
         "lr": "peak learning rate, cosine decay [2e-4]",

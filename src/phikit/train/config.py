@@ -24,6 +24,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None  # None = the registry's targets for the model (all linear projections)
+    lora_layers: int | None = None  # LoRA on the last N decoder layers only (the backward stops below them); None = all
     # optimisation
     lr: float = 2e-4
     warmup_ratio: float = 0.1
@@ -128,6 +129,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise DataError(f"max_steps (--max-steps) is {cfg.max_steps}: it must be at least 1, since 0 steps would train "
                         "nothing; leave it out to train for --epochs")
+    if cfg.lora_layers is not None and cfg.lora_layers < 1:
+        raise DataError(f"lora_layers (--lora-layers) is {cfg.lora_layers}: it must be at least 1 (LoRA on the last N decoder "
+                        "layers); leave it out for every layer")
     if cfg.fact_paraphrases is not None and cfg.fact_paraphrases < 1:
         raise DataError(f"fact_paraphrases (--fact-paraphrases) is {cfg.fact_paraphrases}: it must be at least 1 (the question as written)")
     if cfg.replay is not None and cfg.replay < 0:

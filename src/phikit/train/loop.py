@@ -100,7 +100,8 @@ def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str, speed: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     targets = _lora_targets(model, cfg, spec)
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+                      layers_to_transform=_last_layers(model, cfg.lora_layers))
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, lcfg)
     made = speedups.apply(model, layers, speed)
@@ -110,6 +111,16 @@ def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str, speed: 
         log.warning("--compile applies to the offloaded-activation path only (on with checkpointing on CUDA, one process); not compiling")
     model.train()
     return model, targets, made
+
+
+def _last_layers(model, n: int | None) -> list[int] | None:
+    """The indices of the last `n` decoder layers (peft's layers_to_transform), or None for all of them."""
+    if n is None:
+        return None
+    total = model.config.num_hidden_layers
+    if not 1 <= n <= total:
+        raise PhikitError(f"--lora-layers must be between 1 and the model's {total} decoder layers, got {n}")
+    return list(range(total - n, total))
 
 
 def _lora_targets(model, cfg: TrainConfig, spec) -> list[str]:

@@ -68,9 +68,7 @@ def main() -> None:
             end.record()
             torch.cuda.synchronize()
             us = 1e3 * start.elapsed_time(end) / (args.reps * calls)
-            _, splits, _, _, _ = kt._plan(args.length, hq, hkv, None, None)
-            if bound and r * hkv * splits > bound:
-                splits = 1 << max(0, (bound // (r * hkv)).bit_length() - 1)
+            _, splits, _, _, _ = kt._plan(args.length, hq, hkv, None, None, r, bound)
             kv_bytes = 2 * int((pos + 1).sum()) * hkv * d * 2  # keys and values each row reads
             emit({"measure": "slot_attention", "grid": name, "batch": r, "splits": splits, "programs": r * hkv * splits,
                   "us_per_layer": round(us, 2), "ms_per_step_32_layers": round(us * layers / 1e3, 3),

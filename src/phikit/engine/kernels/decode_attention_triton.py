@@ -99,13 +99,17 @@ def _combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.
     tl.store(out_ptr + hq * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _plan(s: int, hq: int, hkv: int, slots_per_program: int | None, block_s: int | None) -> tuple[int, int, int, int, int]:
+def _plan(s: int, hq: int, hkv: int, slots_per_program: int | None, block_s: int | None, rows: int = 1,
+          max_programs: int | None = None) -> tuple[int, int, int, int, int]:
     """How the cache of `s` slots is walked: (BLOCK_S, splits, slots per split, query heads per key/value head,
     that rounded up to a tl.dot tile). About `slots_per_program` slots per program, at most 64 splits (a power of
-    two for the combine kernel); `slots_per_program >= s` gives one program per head, no combine."""
+    two for the combine kernel); `slots_per_program >= s` gives one program per head, no combine. With
+    `max_programs`, no more splits than keep the grid (rows, key/value heads, splits) within it."""
     slots_per_program = slots_per_program or SLOTS_PER_PROGRAM
     block_s = min(block_s or BLOCK_S, triton.next_power_of_2(slots_per_program))
     splits = min(64, triton.next_power_of_2(triton.cdiv(s, slots_per_program)))
+    if max_programs and rows * hkv * splits > max_programs:
+        splits = 1 << max(0, (max_programs // (rows * hkv)).bit_length() - 1)  # the largest power of two within it
     g = hq // hkv
     gp = max(16, triton.next_power_of_2(g))  # tl.dot wants >= 16 rows
     split_s = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
@@ -210,7 +214,7 @@ def slot_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: to
     """q [R, Hq, 1, D], keys/values [slots, L, Hkv, D] (last dim contiguous), slot/pos [R] -> [R, 1, Hq, D].
 
     The slots are split as for one row (`_plan`, by the slot length L), but into no more splits than keep the grid
-    (rows, key/value heads, splits) within `max_programs` (None: no bound): rows and heads fill the GPU at larger
+    (rows, key/value heads, splits) within `max_programs` (None: no bound; `_plan` applies it): rows and heads fill the GPU at larger
     batches, and the grid is fixed by L (a captured step cannot see the positions), so a program whose split lies
     past its row's position still costs its launch. Unbounded, 64 rows of Phi-4-mini (8 key/value heads, 32 splits
     of 2,048 slots) made 16,384 programs, most of them empty: 128 us a layer on the H100, 45% of the decode step
@@ -219,10 +223,7 @@ def slot_decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: to
     length, hkv = keys.shape[1], keys.shape[2]
     if keys.stride(3) != 1 or values.stride(3) != 1:
         raise ValueError("slot_decode_attention_triton needs the cache's last dimension contiguous")
-    block_s, splits, split_s, g, gp = _plan(length, hq, hkv, slots_per_program, None)
-    if max_programs and r * hkv * splits > max_programs:
-        splits = 1 << max(0, (max_programs // (r * hkv)).bit_length() - 1)  # the largest power of two within the bound
-        split_s = triton.cdiv(triton.cdiv(length, splits), block_s) * block_s
+    block_s, splits, split_s, g, gp = _plan(length, hq, hkv, slots_per_program, None, r, max_programs)
     q2 = q.reshape(r, hq, d)
     if q2.stride(2) != 1:
         q2 = q2.contiguous()

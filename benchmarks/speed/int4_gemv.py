@@ -9,7 +9,13 @@ rotate over enough copies to exceed the 50 MB L2, so each call reads from
 memory. Also checks each path against the float64 product with the
 dequantised weight. One JSON row per measurement on stdout (and appended to --out as JSON lines).
 
-    python benchmarks/speed/int4_gemv.py --out benchmarks/results/int4_gemv_h100.jsonl [--sweep]
+`--gemlite` adds GemLite (pip `gemlite`, Triton; the maintained low-bit kernels issue 23 names) as a peer:
+the same int4 codes, scales and zeros in its layout (w = q * scale + (zero - 8 * scale)), bf16 in and out, at
+M = 1, 4, 16 and 64 (the decode step and the server's batched steps) beside tinygemm, phikit's `int4_mm` and bf16
+cuBLAS, and the decode step's matmuls (32 layers + head) summed for each M. Only this part runs with
+`--gemlite-only`.
+
+    python benchmarks/speed/int4_gemv.py --out benchmarks/results/int4_gemv_h100.jsonl [--sweep] [--gemlite]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
@@ -32,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_out(ap)
     ap.add_argument("--sweep", action="store_true", help="time every GEMV config, not only the default")
+    ap.add_argument("--gemlite", action="store_true", help="also time GemLite at M = 1, 4, 16, 64")
+    ap.add_argument("--gemlite-only", action="store_true", help="only the GemLite comparison")
     a = ap.parse_args(argv)
 
     import torch
@@ -58,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def rel(y, want) -> float:
         return round(float((y.double() - want).norm() / want.norm()), 6)
+
+    if a.gemlite or a.gemlite_only:
+        gemlite_rows(emit, bench, rel, rows)
+    if a.gemlite_only:
+        return 0
 
     for n, k, what in SHAPES:
         torch.manual_seed(0)
@@ -130,6 +144,73 @@ def main(argv: list[str] | None = None) -> int:
     head = next(r for r in rows if r["row"].startswith("M=1 lm_head"))
     emit({"row": "decode step matmuls (32 layers + head), us", **{k: round(32 * v + head[k], 1) for k, v in per_layer.items()}})
     return 0
+
+
+def gemlite_rows(emit, bench, rel, rows: list[dict], ms_=(1, 4, 16, 64)) -> None:
+    """GemLite against tinygemm, phikit's int4_mm and bf16 cuBLAS on the same codes, at each M of a decode step."""
+    import gemlite
+    import torch
+    from gemlite import DType, GemLiteLinear
+
+    from phikit.engine.kernels import int4_triton as it
+    from phikit.engine.kernels.int4 import pack_int4_words, pack_nibbles, quantize_int4
+
+    emit({"row": "gemlite environment", "gemlite": getattr(gemlite, "__version__", "?")})
+    for n, k, what in SHAPES:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        q, sc, ze = quantize_int4(w, 128)
+        del w
+        ref = ((q.double().reshape(n, -1, 128) - 8) * sc.double()[..., None] + ze.double()[..., None]).reshape(n, k)
+        int4_bytes = n * k // 2 + 2 * sc.numel() * 2
+        copies = max(1, int(2e8 // int4_bytes))
+
+        def gl_layer():
+            g = GemLiteLinear(4, group_size=128, in_features=k, out_features=n, input_dtype=DType.BF16, output_dtype=DType.BF16)
+            g.pack(q.to(torch.uint8), sc, torch.zeros_like(sc), None)  # fma mode: w = q * scale + its "zeros"
+            with torch.no_grad():  # our w = (q - 8) * scale + zero
+                g.zeros.copy_((ze.float() - 8 * sc.float()).to(torch.bfloat16).t())
+            return g
+
+        gls = [gl_layer() for _ in range(copies)]
+        packed = pack_int4_words(q)
+        pks, scs, zes = [packed.clone() for _ in range(copies)], [sc.clone() for _ in range(copies)], [ze.clone() for _ in range(copies)]
+        tg = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q).contiguous(), 8)
+        tsz = torch.stack([sc, ze], dim=-1).transpose(0, 1).contiguous()
+        tgs = [tg.clone() for _ in range(copies)]
+        wb = [ref.to(torch.bfloat16) for _ in range(min(max(1, int(2e8 // (n * k * 2))), 8))]
+        for m in ms_:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            want = x.double() @ ref.T
+            t0 = time.perf_counter()
+            err = rel(gls[0](x), want)  # also the first call, which autotunes outside the timed graph
+            first_s = round(time.perf_counter() - t0, 2)
+            for g in gls:
+                g(x)
+            torch.cuda.synchronize()
+            row = {"row": f"gemlite M={m} {what} {n}x{k}", "M": m, "shape": what, "copies": copies, "gemlite_rel_err": err,
+                   "gemlite_first_call_s": first_s}
+            for name, fns in (("gemlite", [lambda g=g: g(x) for g in gls]),
+                              ("tinygemm", [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, 128, tsz) for p in tgs]),
+                              ("phikit", [lambda i=i: it.int4_mm(x, pks[i], scs[i], zes[i], 128) for i in range(copies)]),
+                              ("bf16", [lambda wi=wi: torch.nn.functional.linear(x, wi) for wi in wb])):
+                try:
+                    ms = bench(fns)
+                except Exception as e:  # one side failing should not lose the others' rows
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    continue
+                nbytes = n * k * 2 if name == "bf16" else int4_bytes
+                row.update({f"{name}_us": round(ms * 1e3, 1), f"{name}_GBps": round(nbytes / ms / 1e6)})
+            emit(row)
+        del gls, pks, scs, zes, tgs, wb
+        torch.cuda.empty_cache()
+    for m in ms_:
+        mine = [r for r in rows if r.get("M") == m and r["row"].startswith("gemlite ")]
+        total = {}
+        for side in ("gemlite", "tinygemm", "phikit", "bf16"):
+            if all(f"{side}_us" in r for r in mine):
+                total[f"{side}_us"] = round(sum(r[f"{side}_us"] * (1 if r["shape"] == "lm_head" else 32) for r in mine), 1)
+        emit({"row": f"gemlite decode step matmuls (32 layers + head) at M={m}, us", "M_total": m, **total})
 
 
 if __name__ == "__main__":

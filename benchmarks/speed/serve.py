@@ -6,11 +6,13 @@
    httpx here), interleaved so load on the machine hits both alike (and only one
    generates at a time); medians over --reps. The server is its own process, as
    in real use, so the client's parsing does not share its interpreter lock.
-2. Concurrency (issue 19's measure): N clients of the `openai` SDK (AsyncOpenAI, streaming, one event
-   loop in this process) at once, each with its own ~--prompt-tokens prompt and --client-tokens new
-   tokens (sampled, seed per client), against each --side: a `phikit serve` started with that side's
-   flags (`p1`: --parallel 1 --no-prompt-cache, one request at a time as before batching; `pN`:
-   --parallel N). Aggregate output tokens/s, p50/p95 time to first token and inter-token latency.
+2. Concurrency (issue 19's measure): N clients of the `openai` SDK (AsyncOpenAI, streaming) at once, each
+   with its own ~--prompt-tokens prompt and --client-tokens new tokens, against each --side: a `phikit serve`
+   started with that side's flags (`p1`: --parallel 1 --no-prompt-cache, one request at a time as before
+   batching; `pN`: --parallel N). Aggregate output tokens/s, p50/p95 time to first token and inter-token
+   latency. The clients run in processes of --clients-per-process each (a team's apps are processes of their
+   own), released together once all are ready: one Python process parsing every stream's events with the SDK
+   (~150-300 us of CPU an event) was itself the cap at 64 clients.
 3. A 10-turn chat through /v1/chat/completions, each turn's prompt the whole history: time to first
    token per turn with the prompt cache (the pN side) and without it (p1).
 4. Agreement (`--agreement`, in-process): greedy replies of --agree-prompts prompts run alone on the
@@ -137,25 +139,67 @@ async def _sdk_stream(client, name: str, messages: list[dict], n: int, seed: int
     return {"t0": t0, "stamps": stamps, "tokens": tokens, "text": text}
 
 
-def concurrent(url: str, name: str, clients: int, n: int, words: int, first: int = 0) -> dict:
-    """`clients` openai-SDK streams at once, n tokens each, prompts `first`, `first` + 1, ... (a run's prompts are its
-    own: no prompt cache hit from an earlier run); aggregate tokens/s, p50/p95 TTFT and inter-token latency."""
+CLIENTS_PER_PROCESS = 8
+
+
+def _client_group(url: str, name: str, ids: list[int], n: int, words: int, ready, go, results) -> None:
+    """A client process: the streams of clients `ids` (prompts `ids`), started when `go` is set; puts its rows (times
+    on the system's monotonic clock, which perf_counter reads on Linux, so comparable across processes) in `results`."""
     import asyncio
 
     import openai
 
     async def run():
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600) as client:
-            return await asyncio.gather(*(_sdk_stream(client, name, [{"role": "user", "content": prompt_of(first + i, words)}], n, i, True)
-                                          for i in range(clients)))
+            await client.models.list()  # the client's cold start (lazy imports, connection pool) before the clock
+            client.chat.completions  # noqa: B018 (imports the chat resources)
+            ready.put(os.getpid())
+            await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            return await asyncio.gather(*(_sdk_stream(client, name, [{"role": "user", "content": prompt_of(i, words)}], n, i, True)
+                                          for i in ids))
 
+    try:
+        rows = asyncio.run(run())
+        for r in rows:
+            r["t_end"] = time.perf_counter()
+        results.put(rows)
+    except BaseException as e:  # the parent reports it
+        ready.put(os.getpid())  # in case it failed before it was ready
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def concurrent(url: str, name: str, clients: int, n: int, words: int, first: int = 0,
+               per_process: int = CLIENTS_PER_PROCESS) -> dict:
+    """`clients` openai-SDK streams at once, n tokens each, prompts `first`, `first` + 1, ... (a run's prompts are its
+    own: no prompt cache hit from an earlier run), in processes of `per_process` clients released together;
+    aggregate tokens/s (all tokens over the time from the release to the last stream's end), p50/p95 TTFT and
+    inter-token latency."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # not fork: this process may hold CUDA or threads
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    ids = list(range(first, first + clients))
+    groups = [ids[i : i + per_process] for i in range(0, clients, per_process)]
+    procs = [ctx.Process(target=_client_group, args=(url, name, g, n, words, ready, go, results), daemon=True) for g in groups]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=120)
     t0 = time.perf_counter()
-    rows = asyncio.run(run())
-    wall = time.perf_counter() - t0
+    go.set()
+    rows = []
+    for _ in procs:
+        got = results.get(timeout=3600)
+        if isinstance(got, str):
+            raise RuntimeError(f"a client process failed: {got}")
+        rows += got
+    for p in procs:
+        p.join()
+    wall = max(r["t_end"] for r in rows) - t0
     total = sum(r["tokens"] for r in rows)
     ttft = [r["stamps"][0] - r["t0"] for r in rows if r["stamps"]]
     itl = [b - a for r in rows for a, b in zip(r["stamps"], r["stamps"][1:])]
-    return {"clients": clients, "output_tokens": total, "wall_s": round(wall, 3),
+    return {"clients": clients, "client_processes": len(groups), "output_tokens": total, "wall_s": round(wall, 3),
             "aggregate_tokens_per_s": round(total / wall, 2),
             "ttft_p50_s": round(percentile(ttft, 0.5), 4), "ttft_p95_s": round(percentile(ttft, 0.95), 4),
             "itl_p50_s": round(percentile(itl, 0.5), 4), "itl_p95_s": round(percentile(itl, 0.95), 4)}
@@ -316,6 +360,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens of the overhead measure (0: skip it)")
     ap.add_argument("--sides", nargs="*", default=["p1", "p4"], help="p1 (one at a time, no prompt cache) and pN (--parallel N)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--clients-per-process", type=int, default=CLIENTS_PER_PROCESS,
+                    help="streams per client process (64: all in one process, as before session 36)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--client-tokens", type=int, default=256)
     ap.add_argument("--chat-turns", type=int, default=10, help="turns of the growing chat (0: skip it)")
@@ -391,7 +437,7 @@ def main() -> None:
             first = 0
             for k in args.clients:
                 emit({"measure": "concurrency", "side": side, "prompt_tokens": args.prompt_tokens, "max_tokens": args.client_tokens,
-                      **concurrent(url, name, k, args.client_tokens, words, first), **env}, args.out)
+                      **concurrent(url, name, k, args.client_tokens, words, first, args.clients_per_process), **env}, args.out)
                 first += k
             if args.chat_turns:
                 ttft = chat_turns(url, name, args.chat_turns, args.chat_tokens, max(1, words // 3))

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton.testing
 
     from phikit.engine.kernels import int4_triton as it
-    from phikit.engine.kernels.int4 import pack_int4_words, pack_nibbles, quantize_int4
+    from phikit.engine.kernels.int4 import pack_int4_words, pack_nibbles
 
     rows: list[dict] = []  # this run's rows, for the per-step total at the end
 
@@ -74,14 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     for n, k, what in SHAPES:
-        torch.manual_seed(0)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        q, sc, ze = quantize_int4(w, 128)
-        del w
-        ref = ((q.double().reshape(n, -1, 128) - 8) * sc.double()[..., None] + ze.double()[..., None]).reshape(n, k)
+        q, sc, ze, ref, int4_bytes, copies = layer_weights(n, k)
         packed = pack_int4_words(q)
-        int4_bytes = n * k // 2 + 2 * sc.numel() * 2
-        copies = max(1, int(2e8 // int4_bytes))
         pks = [packed.clone() for _ in range(copies)]
         scs = [sc.clone() for _ in range(copies)]
         zes = [ze.clone() for _ in range(copies)]
@@ -146,6 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def layer_weights(n: int, k: int):
+    """A random [n, k] weight quantised to int4 (codes, scales, zeros), its dequantised float64 reference, the bytes
+    a call reads (codes + scales and zeros) and how many copies of it exceed the L2."""
+    import torch
+
+    from phikit.engine.kernels.int4 import quantize_int4
+
+    torch.manual_seed(0)
+    q, sc, ze = quantize_int4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 128)
+    ref = ((q.double().reshape(n, -1, 128) - 8) * sc.double()[..., None] + ze.double()[..., None]).reshape(n, k)
+    int4_bytes = n * k // 2 + 2 * sc.numel() * 2
+    return q, sc, ze, ref, int4_bytes, max(1, int(2e8 // int4_bytes))
+
+
 def gemlite_rows(emit, bench, rel, rows: list[dict], ms_=(1, 4, 16, 64)) -> None:
     """GemLite against tinygemm, phikit's int4_mm and bf16 cuBLAS on the same codes, at each M of a decode step."""
     import gemlite
@@ -153,17 +161,11 @@ def gemlite_rows(emit, bench, rel, rows: list[dict], ms_=(1, 4, 16, 64)) -> None
     from gemlite import DType, GemLiteLinear
 
     from phikit.engine.kernels import int4_triton as it
-    from phikit.engine.kernels.int4 import pack_int4_words, pack_nibbles, quantize_int4
+    from phikit.engine.kernels.int4 import pack_int4_words, pack_nibbles
 
     emit({"row": "gemlite environment", "gemlite": getattr(gemlite, "__version__", "?")})
     for n, k, what in SHAPES:
-        torch.manual_seed(0)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        q, sc, ze = quantize_int4(w, 128)
-        del w
-        ref = ((q.double().reshape(n, -1, 128) - 8) * sc.double()[..., None] + ze.double()[..., None]).reshape(n, k)
-        int4_bytes = n * k // 2 + 2 * sc.numel() * 2
-        copies = max(1, int(2e8 // int4_bytes))
+        q, sc, ze, ref, int4_bytes, copies = layer_weights(n, k)
 
         def gl_layer():
             g = GemLiteLinear(4, group_size=128, in_features=k, out_features=n, input_dtype=DType.BF16, output_dtype=DType.BF16)
@@ -192,7 +194,7 @@ def gemlite_rows(emit, bench, rel, rows: list[dict], ms_=(1, 4, 16, 64)) -> None
                    "gemlite_first_call_s": first_s}
             for name, fns in (("gemlite", [lambda g=g: g(x) for g in gls]),
                               ("tinygemm", [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, 128, tsz) for p in tgs]),
-                              ("phikit", [lambda i=i: it.int4_mm(x, pks[i], scs[i], zes[i], 128) for i in range(copies)]),
+                              ("phikit", [lambda p=p, s=s, z=z: it.int4_mm(x, p, s, z, 128) for p, s, z in zip(pks, scs, zes)]),
                               ("bf16", [lambda wi=wi: torch.nn.functional.linear(x, wi) for wi in wb])):
                 try:
                     ms = bench(fns)

@@ -125,6 +125,50 @@ def test_a_closed_stream_frees_its_place(tiny):
     assert list(b) == alone(be, ids_of(be, "ok"), params, 4)
 
 
+def test_a_watched_reader_never_waits_and_is_told_of_each_item():
+    from phikit.engine.scheduler import _END, PENDING, Seq, TokenReader
+
+    class Sch:  # what a reader uses of its Scheduler
+        cv = threading.Condition()
+
+    seq = Seq([1, 2], SamplingParams(), 4, set())
+    reader = TokenReader(Sch(), seq)
+    told = []
+    reader.watch(lambda: told.append(1))
+    assert next(reader) is PENDING  # nothing made yet: no wait
+    seq.put(7)
+    seq.put(8)
+    assert told == [1, 1] and next(reader) == 7 and next(reader) == 8 and next(reader) is PENDING
+    seq.put(_END)
+    with pytest.raises(StopIteration):
+        next(reader)
+    assert seq.gone and seq.notify is None
+
+
+def test_a_watched_stream_gives_the_text_of_a_waiting_one(tiny):
+    """Pulled without ever waiting (as the server's event loop does), a stream's chunks are those of a plain read."""
+    from phikit.engine.scheduler import PENDING
+
+    be = tiny.backend
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    want = tiny.generate(PROMPTS[1], params).text
+    be.enable_batching(2, prompt_cache=False)
+    stream = tiny.stream(PROMPTS[1], params)
+    chunks = [next(stream)]  # the first chunk waits (the prompt's prefill), as Lease.start does
+    woke = threading.Event()
+    stream.reader.watch(woke.set)
+    for _ in range(10_000):
+        c = next(stream, None)
+        if c is None:
+            break
+        if c is PENDING:
+            assert woke.wait(30)
+            woke.clear()
+            continue
+        chunks.append(c)
+    assert join(iter(chunks), "m").text == want and chunks[-1].finish_reason == "length"
+
+
 def test_streams_from_many_threads_equal_their_single_runs(tiny):
     """The full stream (stop strings, detokenising) on callers' threads, the model on the engine thread."""
     be = tiny.backend

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 from ..errors import ContextLengthError, PhikitError
 from ..formats import ChatFormat, Message
 from .types import Chunk, Logprob, Result, SamplingParams, Stats, join
+from .scheduler import PENDING
 
 
 class Backend(ABC):
@@ -188,9 +189,11 @@ class LocalBackend(Backend):
                 raise PhikitError("the prompt has no token ids: send at least one")
             self.check_prompt_ids(ids)
         self.check_fits(len(ids))
-        return self._stream_ids(ids, params, t0)
+        stream = ChunkStream()
+        stream.chunks = self._stream_ids(ids, params, t0, stream)
+        return stream
 
-    def _stream_ids(self, ids: list[int], params: SamplingParams, t0: float) -> Iterator[Chunk]:
+    def _stream_ids(self, ids: list[int], params: SamplingParams, t0: float, stream: "ChunkStream") -> Iterator[Chunk]:
         max_new = min(params.max_tokens, self.context_length - len(ids))
         stops = set() if params.ignore_eos else self.stop_ids()
         detok = IncrementalDetokenizer(self.decode)
@@ -205,11 +208,14 @@ class LocalBackend(Backend):
         if max_new <= 0:
             gen = _no_tokens()
         elif sch is not None:
-            gen = sch.submit(ids, params, max_new, stops)
+            gen = stream.reader = sch.submit(ids, params, max_new, stops)
         else:
             gen = self._generate(ids, params, max_new)
         try:
             for tok in gen:
+                if tok is PENDING:  # a watched reader's next token is not made yet (ChunkStream)
+                    yield PENDING
+                    continue
                 t_last = time.perf_counter()
                 if t_first is None:
                     t_first = t_last
@@ -237,6 +243,29 @@ class LocalBackend(Backend):
         stats.decode_s = (t_last or now) - (t_first or now)
         stats.total_s = now - t0
         yield Chunk(text=tail, finish_reason=finish, stats=stats)
+
+
+class ChunkStream:
+    """The Chunks of `LocalBackend.stream_prompt`, and `reader`: the scheduler's TokenReader under them once the
+    stream has started on a Scheduler (else None).
+
+    Each of the reader's items gives one Chunk (its token's, or the final one at the end), and only reading an
+    item can wait; so whoever `watch`es the reader (serve/worker.py) can pull Chunks on an event loop without
+    ever blocking it: where the next token is not made yet the stream gives PENDING, and the engine's notify
+    says when to pull again. Unwatched, it is a plain iterator of Chunks.
+    """
+
+    chunks: Iterator[Chunk]
+    reader = None
+
+    def __iter__(self) -> "ChunkStream":
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self.chunks)
+
+    def close(self) -> None:
+        self.chunks.close()
 
 
 def _no_tokens() -> Iterator[int]:

@@ -36,12 +36,13 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import BusyError, PhikitError
 from .types import Logprob, SamplingParams
 
 _END = object()
+PENDING = object()  # what a TokenReader watched by an event loop gives where its next item is not made yet
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -86,6 +87,7 @@ class Seq:
         self.n_kv = 0  # tokens of `tokens` held in the KV cache
         self.cached = 0  # of those, reused from the prompt cache at admission
         self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.notify: Callable[[], None] | None = None  # called after each item put in `out` (TokenReader.watch)
         self.gone = False  # the reader closed its iterator
         self.slot = None  # the BatchModel's place for it in the cache (freed on preemption)
         self.sampler = None  # the BatchModel's sampler (kept across a preemption: RNG and grammar state)
@@ -98,6 +100,66 @@ class Seq:
 
     def todo(self) -> int:
         return len(self.prompt) + len(self.made) - self.n_kv  # len(self.tokens) without building the list
+
+    def put(self, item) -> None:
+        """Hand `item` (a token, a Logprob, an error or the end) to the reader, and tell its watcher."""
+        self.out.put(item)
+        if self.notify is not None:
+            self.notify()
+
+
+class TokenReader:
+    """The reader's end of a Seq (what `Scheduler.submit` returns): its items in order; closing it frees the place.
+
+    By default `next` waits for the engine's next item. `watch(notify)` makes it never wait: it gives PENDING
+    where the next item is not made yet, and the engine thread calls `notify()` after each item it hands over.
+    An event loop then drives many streams on its own thread, woken once per batch of items (serve/worker.py),
+    instead of a thread per stream each woken by its token.
+    """
+
+    def __init__(self, scheduler: "Scheduler", seq: Seq):
+        self.scheduler, self.seq = scheduler, seq
+        self.done = False
+        self._wait = True
+
+    def __iter__(self) -> "TokenReader":
+        return self
+
+    def __next__(self):
+        if self.done:
+            raise StopIteration
+        if self._wait:
+            item = self.seq.out.get()
+        else:
+            try:
+                item = self.seq.out.get_nowait()
+            except queue.Empty:
+                return PENDING
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def watch(self, notify: Callable[[], None]) -> None:
+        """From now on never wait (PENDING instead), and have the engine call `notify` after each item."""
+        self._wait = False
+        self.seq.notify = notify
+
+    def close(self) -> None:
+        self.done = True
+        self.seq.notify = None
+        sch, seq = self.scheduler, self.seq
+        if not seq.gone:
+            with sch.cv:
+                seq.gone = True
+                sch.cv.notify()
+
+    def __del__(self) -> None:  # a reader dropped without close still frees its place
+        if not self.done:
+            self.close()
 
 
 class BatchModel(ABC):
@@ -188,8 +250,8 @@ class Scheduler:
         self.thread.start()
 
     # -- what callers do (any thread) ----------------------------------------
-    def submit(self, ids: list[int], params: SamplingParams, max_new: int, stops: set[int]) -> Iterator[int | Logprob]:
-        """Tokens of a continuation of `ids`, as the engine thread makes them; closing the iterator frees the place."""
+    def submit(self, ids: list[int], params: SamplingParams, max_new: int, stops: set[int]) -> TokenReader:
+        """Tokens of a continuation of `ids`, as the engine thread makes them; closing the reader frees the place."""
         limit = self.model.seq_limit or self.model.capacity
         if len(ids) + max_new > limit:
             raise PhikitError(f"the request needs {len(ids) + max_new} tokens of KV cache but this server holds {limit} for one "
@@ -201,22 +263,7 @@ class Scheduler:
                 raise PhikitError("the model was unloaded: send the request again")
             self.waiting.append(seq)
             self.cv.notify()
-        return self._read(seq)
-
-    def _read(self, seq: Seq) -> Iterator[int | Logprob]:
-        try:
-            while True:
-                item = seq.out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            if not seq.gone:
-                with self.cv:
-                    seq.gone = True
-                    self.cv.notify()
+        return TokenReader(self, seq)
 
     def call(self, fn: Callable, *args):
         """Run `fn(*args)` on the engine thread between two steps (anything else that uses the model) and return its result."""
@@ -283,7 +330,7 @@ class Scheduler:
                     for s in list(self.running):
                         self._end(s, e if isinstance(e, PhikitError) else PhikitError(f"generation failed: {e}"), keep=False)
         for s in self.running + self.waiting:
-            s.out.put(PhikitError("the model was unloaded while this request ran: send it again"))
+            s.put(PhikitError("the model was unloaded while this request ran: send it again"))
         for fn, fut in self.calls:
             fut.set_exception(PhikitError("the model was unloaded: send the request again"))
 
@@ -296,7 +343,7 @@ class Scheduler:
             try:
                 self.model.start(seq, reuse=self.prompt_cache)
             except Exception as e:  # a request that cannot start fails alone
-                seq.out.put(e if isinstance(e, PhikitError) else PhikitError(str(e)))
+                seq.put(e if isinstance(e, PhikitError) else PhikitError(str(e)))
                 continue
             if not seq.made:  # not a preempted sequence coming back
                 self.prompt_tokens += len(seq.prompt)
@@ -351,7 +398,7 @@ class Scheduler:
             tok = item.id if isinstance(item, Logprob) else item
             s.made.append(tok)
             if not s.gone:
-                s.out.put(item)
+                s.put(item)
             if tok in s.stops or len(s.made) >= s.max_new:
                 self._end(s, None, keep=True)
 
@@ -359,4 +406,4 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.model.finish(seq, keep=keep and self.prompt_cache and error is None)
-        seq.out.put(error if error is not None else _END)
+        seq.put(error if error is not None else _END)

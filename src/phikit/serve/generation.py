@@ -20,19 +20,31 @@ from .errors import ApiError
 _END = object()
 
 
-def primed(items: Iterator) -> Iterator:
-    """Run `items` to its first element now, so errors (a prompt over the context) raise before any byte is sent."""
-    first = next(items, _END)
+class primed:
+    """`items` run to its first element now, so errors (a prompt over the context) raise before any byte is sent;
+    then the same elements. `reader`: that of `items` (engine/backend.py ChunkStream), for the Lease."""
 
-    def rest():
-        try:
-            if first is not _END:
-                yield first
-            yield from items
-        finally:
-            items.close()
+    def __init__(self, items: Iterator):
+        self.items = items
+        self.first = next(items, _END)
 
-    return rest()
+    @property
+    def reader(self):
+        return getattr(self.items, "reader", None)
+
+    def __iter__(self) -> "primed":
+        return self
+
+    def __next__(self):
+        if self.first is not _END:
+            first, self.first = self.first, _END
+            return first
+        return next(self.items)
+
+    def close(self) -> None:
+        close = getattr(self.items, "close", None)
+        if close is not None:
+            close()
 
 
 def chat_stream(model, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,

@@ -9,9 +9,11 @@ which is all it takes. The executor is FIFO, so the close of one stream runs
 before the first step of the next one.
 
 With several slots the models run on their own engine threads (engine/scheduler.py,
-which batches the sequences of every request in a slot); a stream's `next` only
-waits there for its next token, so each slot gets a thread of its own here, and a
-stream's steps and its close are kept in order by a lock of its Lease.
+which batches the sequences of every request in a slot). A stream over that engine
+(one with a `reader`) is pulled on the event loop itself, which the engine wakes
+after each step (`Lease._pulled`); any other stream (tool calls, a backend that does
+not batch) gets a thread of its own here. A stream's steps and its close are kept in
+order by a lock of its Lease.
 
 A request first waits for a slot (an asyncio.Semaphore, FIFO), holds it while its
 stream runs, and gives it back when the stream ends, fails or its client goes away.
@@ -159,6 +161,11 @@ class Lease:
         """
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
+        reader = getattr(gen, "reader", None) if self.worker.slots > 1 else None
+        if reader is not None:
+            async for c in self._pulled(gen, reader, items, watch):
+                yield c
+            return
         stop = threading.Event()
         loop.run_in_executor(self.worker._pool, self._pump, gen, self.worker.wakeups(loop), items, stop)
         watch = watch and self.is_disconnected is not None
@@ -185,6 +192,52 @@ class Lease:
                 yield item
         finally:
             stop.set()
+
+    async def _pulled(self, gen: Iterator[Chunk], reader, items: asyncio.Queue, watch: bool) -> AsyncIterator[Chunk]:
+        """`gen`'s chunks pulled here on the event loop, never waiting in it: a stream over the batching engine
+        (its `reader`, engine/scheduler.py TokenReader) gives PENDING where its next token is not made yet, and
+        the engine thread's notify, after each token it hands over, queues a wake-up here (`_Wakeups`: one
+        wake-up of the loop for all the streams of a step). Why not a thread per stream, as `_pump`: 64 streams
+        meant 64 threads woken each step, each taking the interpreter lock in turn to detokenise one token; here
+        one thread does the same work without the hand-offs (benchmarks/speed/serve_ceiling.py)."""
+        from ..engine.scheduler import PENDING
+
+        wakeups = self.worker.wakeups(asyncio.get_running_loop())
+
+        def notify() -> None:  # on the engine thread
+            try:
+                wakeups.post(items, None)
+            except RuntimeError:  # the event loop is closed: the server is going down
+                pass
+
+        loop = asyncio.get_running_loop()
+        reader.watch(notify)
+        watch = watch and self.is_disconnected is not None
+        next_check = loop.time() + 0.25
+        try:
+            while True:
+                if watch and loop.time() >= next_check:
+                    next_check = loop.time() + 0.25
+                    if await self.is_disconnected():
+                        raise ClientGone()
+                with self._steps:  # never beside a close on the pool (Lease.close)
+                    c = next(gen, None)
+                if c is None:
+                    return
+                if c is not PENDING:
+                    yield c
+                    continue
+                if watch:
+                    try:
+                        await asyncio.wait_for(items.get(), max(0.0, next_check - loop.time()))
+                    except asyncio.TimeoutError:
+                        continue
+                else:
+                    await items.get()
+                while not items.empty():  # one pull drains the stream: the other wake-ups are spent
+                    items.get_nowait()
+        finally:
+            self._close_now(gen)
 
     def _pump(self, gen: Iterator[Chunk], wakeups: _Wakeups, items: asyncio.Queue, stop: threading.Event) -> None:
         """On a generation thread: `gen`'s chunks into `items` (then None, or the error), until its end or `stop`;

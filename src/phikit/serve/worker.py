@@ -11,7 +11,7 @@ before the first step of the next one.
 With several slots the models run on their own engine threads (engine/scheduler.py,
 which batches the sequences of every request in a slot). A stream over that engine
 (one with a `reader`) is pulled on the event loop itself, which the engine wakes
-after each step (`Lease._pulled`); any other stream (tool calls, a backend that does
+after each step (`Lease.chunks`); any other stream (tool calls, a backend that does
 not batch) gets a thread of its own here. A stream's steps and its close are kept in
 order by a lock of its Lease.
 
@@ -26,6 +26,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
+from ..engine.scheduler import PENDING
 from ..engine.types import Chunk
 
 T = TypeVar("T")
@@ -36,6 +37,7 @@ class ClientGone(Exception):
 
 
 _NOTHING = object()  # no chunk came before the next check of the client
+_PULL = object()  # a watched stream has chunks ready: pull them (Lease.chunks)
 
 
 class _Failed:
@@ -74,6 +76,15 @@ class _Wakeups:
             batch, self._pending = self._pending, []
         for items, item in batch:
             items.put_nowait(item)
+
+
+def _post(wakeups: _Wakeups, items: asyncio.Queue, item) -> bool:
+    """`wakeups.post(items, item)` from a thread; False once the event loop is closed (the server is going down)."""
+    try:
+        wakeups.post(items, item)
+        return True
+    except RuntimeError:
+        return False
 
 
 class Worker:
@@ -146,13 +157,18 @@ class Lease:
         return self._gen
 
     async def chunks(self, gen: Iterator[Chunk], watch: bool = False) -> AsyncIterator[Chunk]:
-        """Pull `gen` on a generation thread and yield its chunks here; always closes it.
+        """Yield `gen`'s chunks here; always closes it.
 
-        The thread runs the stream to its end (or until this iterator stops) and posts each chunk to
-        the event loop (`_Wakeups`: one wake-up of the loop for all the chunks waiting). (Asking the pool for each chunk in turn cost a
-        work item, a thread wake-up and two futures a token; at 64 streams of a batch that was much of
-        the server's time under the interpreter lock.) A stream is never read ahead of its model:
-        `next` waits for the model's next token either way.
+        A stream over the batching engine (one with a `reader`: engine/scheduler.py TokenReader, under
+        engine/backend.py ChunkStream) is pulled here on the event loop, never waiting in it: once watched it
+        gives PENDING where its next token is not made yet, and the engine thread's notify after each token it
+        hands over queues a wake-up (`_PULL`) for the pull that follows. Any other stream runs on a generation
+        thread to its end (or until this iterator stops), which posts each chunk here. Either way the loop is
+        woken once for all that is queued (`_Wakeups`). Why not a thread for every stream: at 64 streams of a
+        batch, 64 threads woken each step, each taking the interpreter lock in turn to detokenise one token, cost
+        99-107 us of server CPU a token against 77-87 for the pulls here (benchmarks/speed/serve_ceiling.py). (Asking the
+        pool for each chunk in turn, before that, cost a work item, a thread wake-up and two futures a token.) A
+        stream is never read ahead of its model.
 
         watch: check every 0.25 s that the client is still there and raise ClientGone
         if not. For blocking (non-streaming) replies only: a streaming response
@@ -161,13 +177,14 @@ class Lease:
         """
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
+        wakeups = self.worker.wakeups(loop)
+        stop = threading.Event()
         reader = getattr(gen, "reader", None) if self.worker.slots > 1 else None
         if reader is not None:
-            async for c in self._pulled(gen, reader, items, watch):
-                yield c
-            return
-        stop = threading.Event()
-        loop.run_in_executor(self.worker._pool, self._pump, gen, self.worker.wakeups(loop), items, stop)
+            reader.watch(lambda: _post(wakeups, items, _PULL))  # called on the engine thread
+            items.put_nowait(_PULL)
+        else:
+            loop.run_in_executor(self.worker._pool, self._pump, gen, wakeups, items, stop)
         watch = watch and self.is_disconnected is not None
         next_check = loop.time() + 0.25
         try:
@@ -185,6 +202,12 @@ class Lease:
                         continue
                 else:
                     item = await items.get()
+                if item is _PULL:
+                    for c in self._pull(gen):
+                        if c is None:
+                            return
+                        yield c
+                    continue
                 if item is None:
                     return
                 if isinstance(item, _Failed):
@@ -192,60 +215,25 @@ class Lease:
                 yield item
         finally:
             stop.set()
+            if reader is not None:
+                self._close_now(gen)
 
-    async def _pulled(self, gen: Iterator[Chunk], reader, items: asyncio.Queue, watch: bool) -> AsyncIterator[Chunk]:
-        """`gen`'s chunks pulled here on the event loop, never waiting in it: a stream over the batching engine
-        (its `reader`, engine/scheduler.py TokenReader) gives PENDING where its next token is not made yet, and
-        the engine thread's notify, after each token it hands over, queues a wake-up here (`_Wakeups`: one
-        wake-up of the loop for all the streams of a step). Why not a thread per stream, as `_pump`: 64 streams
-        meant 64 threads woken each step, each taking the interpreter lock in turn to detokenise one token; here
-        one thread does the same work without the hand-offs (benchmarks/speed/serve_ceiling.py)."""
-        from ..engine.scheduler import PENDING
-
-        wakeups = self.worker.wakeups(asyncio.get_running_loop())
-
-        def notify() -> None:  # on the engine thread
-            try:
-                wakeups.post(items, None)
-            except RuntimeError:  # the event loop is closed: the server is going down
-                pass
-
-        loop = asyncio.get_running_loop()
-        reader.watch(notify)
-        watch = watch and self.is_disconnected is not None
-        next_check = loop.time() + 0.25
-        try:
-            while True:
-                if watch and loop.time() >= next_check:
-                    next_check = loop.time() + 0.25
-                    if await self.is_disconnected():
-                        raise ClientGone()
-                with self._steps:  # never beside a close on the pool (Lease.close)
-                    c = next(gen, None)
-                if c is None:
-                    return
-                if c is not PENDING:
-                    yield c
-                    continue
-                if watch:
-                    try:
-                        await asyncio.wait_for(items.get(), max(0.0, next_check - loop.time()))
-                    except asyncio.TimeoutError:
-                        continue
-                else:
-                    await items.get()
-                while not items.empty():  # one pull drains the stream: the other wake-ups are spent
-                    items.get_nowait()
-        finally:
-            self._close_now(gen)
+    def _pull(self, gen: Iterator[Chunk]) -> Iterator[Chunk | None]:
+        """The chunks a watched stream has ready, read here without waiting (up to its PENDING); None at its end."""
+        while True:
+            with self._steps:  # never beside a close on the pool (Lease.close)
+                c = next(gen, None)
+            if c is PENDING:
+                return
+            yield c
+            if c is None:
+                return
 
     def _pump(self, gen: Iterator[Chunk], wakeups: _Wakeups, items: asyncio.Queue, stop: threading.Event) -> None:
         """On a generation thread: `gen`'s chunks into `items` (then None, or the error), until its end or `stop`;
         closes `gen` before it returns, so with one slot the next request starts after this close."""
         def post(item) -> None:
-            try:
-                wakeups.post(items, item)
-            except RuntimeError:  # the event loop is closed: the server is going down
+            if not _post(wakeups, items, item):
                 stop.set()
 
         try:

@@ -45,7 +45,7 @@ CONTROL = ROOT / "examples" / "control_questions.jsonl"
 SQUAD = ROOT.parent / "shared" / "data" / "squad_v2" / "eval.json"
 # the recipe settings a flag here overrides, and their types
 OVERRIDES = (("epochs", float), ("lr", float), ("fact_paraphrases", int), ("replay", int), ("replay_grounded", int),
-             ("micro_batch", int), ("lora_r", int), ("lora_alpha", int), ("lora_layers", int))
+             ("micro_batch", int), ("lora_r", int), ("lora_alpha", int), ("lora_dropout", float), ("lora_layers", int))
 
 
 def main() -> None:
@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--adapter-dir", default="/tmp/phikit-facts-adapter", help="where the tuned adapter is written")
     ap.add_argument("--records", default=None, metavar="DIR",
                     help="also write phikit eval's own records (facts_base.json, facts_tuned.json, facts_squad_*.json) here")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="take the base model's side from the records an earlier --records run wrote in DIR instead of measuring it again "
+                         "(greedy, so the same replies; saves one evaluation)")
     add_out(ap)
     for name, typ in OVERRIDES:
         ap.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help="override the recipe's setting")
@@ -94,11 +97,22 @@ def main() -> None:
                 sq["metrics"]["unchanged"] = sum(same) / len(same)
         return res, sq, time.perf_counter() - t0, time.process_time() - c0
 
-    base, sq_base, eval_wall, eval_cpu = measure()
+    if args.baseline:
+        import json
+
+        base = json.loads((Path(args.baseline) / "facts_base.json").read_text())
+        sq_base = json.loads((Path(args.baseline) / "facts_squad_base.json").read_text()) if args.squad_limit else None
+        if sq_base and len(sq_base["records"]) != args.squad_limit:
+            sys.exit(f"--baseline {args.baseline}: its SQuAD side has {len(sq_base['records'])} questions, not --squad-limit {args.squad_limit}")
+        eval_wall = eval_cpu = None
+    else:
+        base, sq_base, eval_wall, eval_cpu = measure()
     t0, c0 = time.perf_counter(), time.process_time()
     summary = train(cfg, loaded=m)  # LoRA injected in place: m now answers with the adapter
     train_wall, train_cpu = time.perf_counter() - t0, time.process_time() - c0
-    tuned, sq_tuned, _, _ = measure(base, sq_base)
+    tuned, sq_tuned, tuned_wall, tuned_cpu = measure(base, sq_base)
+    if eval_wall is None:
+        eval_wall, eval_cpu = tuned_wall, tuned_cpu
 
     b, t = base["metrics"], tuned["metrics"]
     kinds_seen = sorted({r["kind"] for r in base["records"]})

@@ -166,7 +166,9 @@ def decoders(qmodel, prompt, variants: list[str], profile: bool) -> None:
     inductor_config.coordinate_descent_tuning = inductor_config.combo_kernels = False
 
 
-def attention_alone(layers: int = 32, filled: int = 256) -> None:
+def attention_alone(layers: int = 32, filled: int = 256, s: int = 512) -> None:
+    """The candidates below at a cache of `s` slots (`filled` of them filled); beyond 512 slots only phikit's kernel by
+    position, the fast path's decode step (what a cache longer than the sequence costs it)."""
     import torch
     import torch.nn.functional as F
     import triton.testing
@@ -174,7 +176,7 @@ def attention_alone(layers: int = 32, filled: int = 256) -> None:
     from phikit.engine.kernels.decode_attention import decode_attention_reference
     from phikit.engine.kernels.decode_attention_triton import decode_attention_triton
 
-    hq, hkv, d, s = 24, 8, 128, 512
+    hq, hkv, d = 24, 8, 128
     g = hq // hkv
     scale = d ** -0.5
     torch.manual_seed(0)
@@ -223,8 +225,10 @@ def attention_alone(layers: int = 32, filled: int = 256) -> None:
         cands[f"phikit triton slots/program={spp} block={bs} warps={nw}"] = \
             (lambda spp, bs, nw: lambda q, k, v, m: decode_attention_triton(q, k, v, m, scale, spp, bs, nw))(spp, bs, nw)
     pos = torch.tensor([[filled - 1]], device="cuda")
-    cands["phikit triton slots/program=64 block=64, by position (the default)"] = \
-        lambda q, k, v, m: decode_attention_triton(q, k, v, None, scale, position=pos)
+    by_position = "phikit triton slots/program=64 block=64, by position (the default)"
+    cands[by_position] = lambda q, k, v, m: decode_attention_triton(q, k, v, None, scale, position=pos)
+    if s != 512:
+        cands = {by_position: cands[by_position]}
     for name, fn in cands.items():
         try:
             out = fn(q, ks[0], vs[0], mask).float()
@@ -247,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="sdpa,phikit_decode",
                     help="whole-step rows: attention[:slots per Triton program][+cdt][+combo]; the first is the logits reference")
     ap.add_argument("--skip", default="", help="comma-separated: decoders,attention")
+    ap.add_argument("--slots", default="512", help="comma-separated cache lengths for the attention rows (256 slots filled)")
     a = ap.parse_args(argv)
     OUT = a.out
     skip = set(filter(None, a.skip.split(",")))
@@ -258,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
     emit(env_info("cuda"))
     if "attention" not in skip:
-        attention_alone()
+        for slots in map(int, a.slots.split(",")):
+            attention_alone(s=slots)
+            gc.collect()
+            torch.cuda.empty_cache()
     if "decoders" not in skip:
         t = time.perf_counter()
         qmodel = quantize_model_int4(build_model(False, "cuda"))

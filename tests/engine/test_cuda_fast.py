@@ -152,7 +152,8 @@ def test_fast_path_declines_what_it_cannot_take(tiny128, monkeypatch):
     monkeypatch.setenv("PHIKIT_FAST_DECODE", "0")
     assert "disabled" in fast_path_unavailable(tiny128, "cuda")
     monkeypatch.delenv("PHIKIT_FAST_DECODE")
-    assert bucket_for(10, 4096) == 512 and bucket_for(513, 4096) == 1024 and bucket_for(9000, 4096) == 4096
+    assert bucket_for(10, 4096) == 512 and bucket_for(513, 8192) == 4096 and bucket_for(4097, 100_000) == 32768
+    assert bucket_for(9000, 6000) == 6000
     path = CudaFastPath(tiny128, context_length=64, compile=False, prefill_chunk=16)
     assert path.generate(list(range(60)), SamplingParams(temperature=0), 10) is None  # over the context: stock loop
     it = path.generate([1, 2], SamplingParams(temperature=0), 3)

@@ -175,6 +175,11 @@ def test_decode_attention_kernel_matches_softmax_attention_over_the_kept_slots(h
         want = torch.nn.functional.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=causal, scale=d ** -0.5)
         got = kt.decode_attention_triton(q, k, v, None, d ** -0.5, slots_per_program=per_program, position=pos)
         assert float((got.double() - want.transpose(1, 2)).abs().max()) < tol, (kept, per_program, "position")
+        # and the slots past the position are never read: NaN there (a masked read would still carry it into
+        # the weighted values) leaves the output as it was
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, kept:], v2[:, :, kept:] = float("nan"), float("nan")
+        assert torch.equal(kt.decode_attention_triton(q, k2, v2, None, d ** -0.5, slots_per_program=per_program, position=pos), got)
         ref = decode_attention_reference(q, k, v, None, d ** -0.5, position=pos)
         assert float((ref.double() - want.transpose(1, 2)).abs().max()) < 1e-5
     with pytest.raises(ValueError, match="exactly one"):

@@ -7,8 +7,8 @@ SDPA's memory-efficient kernel on 24 one-row problems, and it reads every
 slot of the static cache, filled or not. Here one Triton program per
 key/value head reads that head's keys and values once for all the query
 heads that share it (grouped-query attention as a [G, D] x [D, S] product),
-and skips the loads of the slots the mask excludes (the unfilled tail of the
-cache), so it reads only the filled part.
+and, given the step's position, walks the cache only up to it, so it reads
+only the filled part whatever the cache's length (with a mask it reads all).
 
 `torch.ops.phikit.decode_attention(q, k, v, mask, position, scale)`:
   q        [1, Hq, 1, D]   the step's query (after rope)

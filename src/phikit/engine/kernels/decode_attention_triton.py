@@ -11,7 +11,10 @@ head it took 13 µs per layer on the H100, slower than cuDNN's SDPA. So the
 cache is split over many programs (about SLOTS_PER_PROGRAM slots each), each
 loading its slots at once, and a second small kernel (one program per query
 head) combines the partials (max, sum, weighted values). With one split the
-program writes the output.
+program writes the output. Given the position instead of a mask (the fast
+path's decode step), a program walks its slots only up to it, as the batched
+kernel does: a cache longer than the sequence costs a few idle programs, not
+its bandwidth (before, every step read the whole cache, filled or not).
 """
 
 from __future__ import annotations
@@ -61,19 +64,21 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, out_ptr, m_ptr, l_ptr, 
                  SPLIT_S: tl.constexpr, SPLITS: tl.constexpr, USE_POS: tl.constexpr):
     h = tl.program_id(0)
     part = tl.program_id(1)
-    if USE_POS:
-        pos = tl.load(pos_ptr)
+    lo = part * SPLIT_S
+    hi = tl.minimum(lo + SPLIT_S, S)
+    if USE_POS:  # causal over cache slots: slot s holds position s, so the walk stops at the position
+        hi = tl.minimum(hi, tl.load(pos_ptr) + 1)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (h * G + g)[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    for i in range(0, SPLIT_S // BLOCK_S):
-        s = part * SPLIT_S + i * BLOCK_S + tl.arange(0, BLOCK_S)
-        inside = s < S
-        if USE_POS:  # causal over cache slots: slot s holds position s
-            keep = (s <= pos) & inside
+    for s0 in range(lo, hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        inside = s < hi
+        if USE_POS:
+            keep = inside
         else:
             keep = (tl.load(mask_ptr + s, mask=inside, other=0) != 0) & inside
         k = tl.load(k_ptr + h * stride_kh + s[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)

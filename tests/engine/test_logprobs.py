@@ -166,14 +166,15 @@ def cpp(embedded_gguf):
 
 
 @pytest.fixture(scope="module")
-def cpp_reference(embedded_gguf):
-    """The same GGUF in llama-cpp-python with logits_all=True, whose `eval` keeps every position's logits.
+def cpp_reference(cpp):
+    """The same GGUF (the one the backend loaded: the embedded model's Q8_0 copy) in llama-cpp-python with
+    logits_all=True, whose `eval` keeps every position's logits.
 
     (Not its create_completion(echo=True, logprobs=...): that pairs each prompt token with the logits
     of its own position, the distribution of the token after it, so its numbers are off by one place.)"""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=embedded_gguf, n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    return llama_cpp.Llama(model_path=cpp.path, n_ctx=512, logits_all=True, verbose=False, n_threads=2)
 
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"

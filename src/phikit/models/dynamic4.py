@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import DataError, PhikitError
-from .registry import ModelSpec, resolve
+from .registry import ModelSpec, phikit_home, resolve
 
 log = logging.getLogger("phikit")
 
@@ -702,8 +702,7 @@ def prequantized(path: str | Path | None) -> dict | None:
 
 
 def _cache_dir() -> Path:
-    home = os.environ.get("PHIKIT_HOME") or str(Path.home() / ".phikit")
-    return Path(home) / "cache" / "dynamic4"
+    return phikit_home() / "cache" / "dynamic4"
 
 
 def dynamic_skip_modules(spec: ModelSpec, device: str, budget: float = DEFAULT_BUDGET) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import DataError
+from ..models.registry import phikit_home
 
 log = logging.getLogger("phikit.serve")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?$")
@@ -28,7 +29,7 @@ MAX_NAME = 200
 
 def home() -> Path:
     """phikit's data folder: $PHIKIT_HOME, else ~/.phikit."""
-    return Path(os.environ.get("PHIKIT_HOME") or Path.home() / ".phikit")
+    return phikit_home()
 
 
 def base_name(name: str) -> str:

@@ -230,7 +230,9 @@ def _facts(s: ServerState, d: ModelDef) -> dict:
     fmt = FORMATS.get(info.get("format") or (meta.format if meta else "") or "")
     arch = meta.architecture if meta else "unknown"
     n = int(info.get("parameters") or (meta.parameters if meta else 0) or 0)
-    quant = str(info["quant"]) if info.get("quant") in ("nf4", "int4") else (meta.quant if meta else str(info.get("quant", "unknown")))
+    # the loaded model's own where it says (the embedded GGUF runs from a Q8_0 copy: backends/llamacpp.py), else the file's
+    loaded = info.get("quant") in ("nf4", "int4") or (info.get("dtype") == "gguf" and info.get("quant") not in (None, "gguf"))
+    quant = str(info["quant"]) if loaded else (meta.quant if meta else str(info.get("quant", "unknown")))
     details = {"parent_model": d.parent, "format": meta.file_format if meta else ("gguf" if info.get("dtype") == "gguf" else "safetensors"),
                "family": arch, "families": [arch], "parameter_size": _size_label(n), "quantization_level": quant}
     manifest = json.dumps(d.to_json() if d.origin == "created" else [d.name, d.source, d.adapter, s.digest], sort_keys=True)

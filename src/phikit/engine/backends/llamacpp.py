@@ -285,13 +285,20 @@ class LlamaCppBackend(LocalBackend):
             "backend": self.name,
             "device": "cpu",
             "dtype": "gguf",
-            "quant": self.llm.metadata.get("general.file_type", "gguf"),
+            "quant": _file_type(self.llm.metadata.get("general.file_type")),
             "parameters": n,
             "memory_bytes": int(m.size()),
             "memory_bytes_16bit": n * 2,
             "context_length": self.context_length,
             "threads": self.llm.n_threads if hasattr(self.llm, "n_threads") else None,
         }
+
+
+def _file_type(ftype: str | None) -> str:
+    """The weights' type as Ollama names it ("Q8_0"), from the GGUF's general.file_type number."""
+    from ...models.meta import FILE_TYPES
+
+    return FILE_TYPES.get(int(ftype), f"type {ftype}") if ftype and str(ftype).isdigit() else "gguf"
 
 
 class LlamaCppBatch(BatchModel):

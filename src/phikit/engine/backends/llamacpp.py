@@ -42,7 +42,7 @@ def batched_weights(spec: ModelSpec) -> str:
     Why: the embedded SmolLM2 ships in Q4_1, for which llama.cpp's x86 CPU kernels have no batched matrix
     product (no repacked layout, no tinyBLAS path): a prompt of 450 tokens is read at ~150 tokens/s and four
     sequences decoded together are no faster than one. Q8_0 has both: on this project's 2-core CPU prompts
-    are read 1.9x as fast, four sequences in a step decode 1.4x as fast, one as fast as before
+    are read 1.9x as fast, four sequences in a step decode 1.4x as fast, one about as fast as before
     (docs/serve.md). Q8_0's grid is finer than Q4_1's, so a weight moves by at most half a Q8_0 step (1/254
     of its block's largest); 145 MB instead of 98. A user's own GGUF is never changed behind their back."""
     from ...models.registry import DEFAULT_MODEL, embedded_gguf, phikit_home

@@ -32,18 +32,15 @@ from common import add_out, emit  # noqa: E402
 
 
 def requantize(src: str, kind: str) -> str:
-    """`src` (a GGUF) re-quantised to `kind` by llama.cpp's quantiser, in a temporary folder."""
-    import ctypes
+    """`src` (a GGUF) re-quantised to `kind` by llama.cpp's quantiser (backends/llamacpp.py), in a temporary folder."""
+    from phikit.engine.backends.llamacpp import quantize_gguf
 
-    import llama_cpp
-
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None)
-    if ftype is None:
-        raise SystemExit(f"unknown llama.cpp type {kind!r} (q8_0, q4_0, q4_1, q5_0, ...)")
     out = os.path.join(tempfile.mkdtemp(prefix="phikit-requant-"), f"{Path(src).stem}.{kind}.gguf")
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.allow_requantize, p.nthread = ftype, True, os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(p)) != 0:
+    try:
+        ok = quantize_gguf(src, out, kind)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not ok:
         raise SystemExit(f"llama.cpp could not quantise {src} to {kind}")
     return out
 

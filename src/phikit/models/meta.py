@@ -25,6 +25,14 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
               12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
               19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
               26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0"}
+
+
+def file_type_name(ftype) -> str | None:
+    """The name of a GGUF's general.file_type (an int, or its digits as llama-cpp-python's metadata gives them),
+    or None where it is absent or not in FILE_TYPES."""
+    return FILE_TYPES.get(int(ftype)) if ftype is not None and str(ftype).isdigit() else None
+
+
 # The special tokens detect_format looks for: the only array entries kept from a GGUF's vocabulary.
 SPECIALS = {"<|im_sep|>", "<|tool_call|>", "<|end|>", "<|assistant|>", "<|im_start|>", "<|im_end|>"}
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -145,7 +153,7 @@ def _gguf_meta(path: str, _stamp: tuple) -> WeightsMeta:
     arch = str(kv.get("general.architecture", "llama"))
     fmt = detect_format(specials)
     ftype = kv.get("general.file_type")
-    return WeightsMeta(arch, kv.get(f"{arch}.context_length"), params or None, FILE_TYPES.get(ftype, str(ftype or "unknown")),
+    return WeightsMeta(arch, kv.get(f"{arch}.context_length"), params or None, file_type_name(ftype) or str(ftype or "unknown"),
                        fmt.name if fmt else None, "gguf", Path(path).stat().st_size)
 
 

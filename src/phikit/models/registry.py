@@ -16,14 +16,14 @@ from pathlib import Path
 from ..errors import ModelFilesError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
+PHI_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def phikit_home() -> Path:
     """phikit's data folder (created models, caches): $PHIKIT_HOME, else ~/.phikit."""
     return Path(os.environ.get("PHIKIT_HOME") or Path.home() / ".phikit")
 
-PHI_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,11 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import DataError
-from ..models.registry import phikit_home
+from ..models.registry import phikit_home as home  # phikit's data folder: $PHIKIT_HOME, else ~/.phikit
 
 log = logging.getLogger("phikit.serve")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?$")
 MAX_NAME = 200
-
-
-def home() -> Path:
-    """phikit's data folder: $PHIKIT_HOME, else ~/.phikit."""
-    return phikit_home()
 
 
 def base_name(name: str) -> str:

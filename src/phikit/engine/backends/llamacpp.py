@@ -54,10 +54,8 @@ def batched_weights(spec: ModelSpec) -> str:
     out = phikit_home() / "cache" / "gguf" / f"{os.path.basename(src)[:-5]}.{st.st_size}-{int(st.st_mtime)}.{BATCHED_TYPE}.gguf"
     if out.is_file():
         return str(out)
-    import ctypes
     import logging
 
-    import llama_cpp
     from llama_cpp._utils import suppress_stdout_stderr
 
     try:
@@ -66,17 +64,29 @@ def batched_weights(spec: ModelSpec) -> str:
         logging.getLogger("phikit").warning("cannot cache a Q8_0 copy of %s (%s): using it as it is", src, e)
         return src
     tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{BATCHED_TYPE.upper()}")
-    p.allow_requantize, p.nthread = True, os.cpu_count() or 1
     with suppress_stdout_stderr(disable=False):  # llama.cpp prints a line per tensor
-        failed = llama_cpp.llama_model_quantize(src.encode(), str(tmp).encode(), ctypes.byref(p)) != 0
+        failed = not quantize_gguf(src, str(tmp), BATCHED_TYPE)
     if failed or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         logging.getLogger("phikit").warning("llama.cpp could not re-quantise %s to %s: using it as it is", src, BATCHED_TYPE)
         return src
     tmp.replace(out)  # whole or not at all: a crash leaves only a .tmp-PID file, never a half-written cache
     return str(out)
+
+
+def quantize_gguf(src: str, dst: str, kind: str) -> bool:
+    """`src` re-quantised to `kind` ("q8_0", "q4_0", ...) into `dst` by llama.cpp's own quantiser; whether it worked.
+    ValueError for a type llama.cpp does not name."""
+    import ctypes
+
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None)
+    if ftype is None:
+        raise ValueError(f"unknown llama.cpp type {kind!r} (q8_0, q4_0, q4_1, q5_0, ...)")
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.allow_requantize, p.nthread = ftype, True, os.cpu_count() or 1
+    return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)) == 0
 
 
 def log_softmax(logits):
@@ -296,9 +306,9 @@ class LlamaCppBackend(LocalBackend):
 
 def _file_type(ftype: str | None) -> str:
     """The weights' type as Ollama names it ("Q8_0"), from the GGUF's general.file_type number."""
-    from ...models.meta import FILE_TYPES
+    from ...models.meta import file_type_name
 
-    return FILE_TYPES.get(int(ftype), f"type {ftype}") if ftype and str(ftype).isdigit() else "gguf"
+    return file_type_name(ftype) or (f"type {ftype}" if ftype and str(ftype).isdigit() else "gguf")
 
 
 class LlamaCppBatch(BatchModel):

@@ -14,7 +14,8 @@
    own), released together once all are ready: one Python process parsing every stream's events with the SDK
    (~150-300 us of CPU an event) was itself the cap at 64 clients.
 3. A 10-turn chat through /v1/chat/completions, each turn's prompt the whole history: time to first
-   token per turn with the prompt cache (the pN side) and without it (p1).
+   token per turn with the prompt cache (the pN side) and without it (p1). `--chat-in-process WORDS`: the
+   same chat through the model's scheduler in this process (less noise), with what each turn read.
 4. Agreement (`--agreement`, in-process): greedy replies of --agree-prompts prompts run alone on the
    backend's own loop, then all at once through the scheduler, then again (prompt-cache hits): how many
    replies are identical, and the tokens before the first divergence where not.
@@ -22,7 +23,7 @@
 One JSON row per measurement on stdout (and appended to --out as JSON lines).
 
     python benchmarks/speed/serve.py [--sides p1 p4] [--clients 1 4] [--prompt-tokens 128] [--client-tokens 256]
-        [--chat-turns 10] [--agreement] [--model M --backend B --device D --quant Q] [--out benchmarks/results/serve.jsonl]
+        [--chat-turns 10] [--chat-in-process WORDS] [--agreement] [--model M --backend B --device D --quant Q] [--out benchmarks/results/serve.jsonl]
 """
 
 from __future__ import annotations
@@ -224,6 +225,30 @@ def chat_turns(url: str, name: str, turns: int, n: int, words: int) -> list[floa
     return asyncio.run(run())
 
 
+def chat_turns_local(model, turns: int, n: int, words: int, parallel: int = 4) -> dict:
+    """The chat of `chat_turns` in this process, through the model's own scheduler (`enable_batching(parallel)`,
+    prompt cache on): no HTTP and no client processes, so this machine's noise weighs less. Also what each turn
+    read: its prompt's tokens and how many came from the cache."""
+    be = model.backend
+    be.enable_batching(parallel, prompt_cache=True)
+    sch, ttft, read = be.scheduler, [], []
+    try:
+        history = [{"role": "system", "content": "You are a helpful assistant who answers in detail."}]
+        for t in range(turns):
+            history.append({"role": "user", "content": f"Question {t + 1}: {prompt_of(t, words)} What happens next?"})
+            p0, h0, text, first = sch.prompt_tokens, sch.cache_hit_tokens, "", None
+            t0 = time.perf_counter()
+            for c in model.stream(history, max_tokens=n, temperature=0):
+                first = first or time.perf_counter() - t0
+                text += c.text
+            ttft.append(first)
+            read.append([sch.prompt_tokens - p0, sch.cache_hit_tokens - h0])
+            history.append({"role": "assistant", "content": text})
+    finally:
+        be.close()
+    return {"ttft_s": [round(x, 4) for x in ttft], "prompt_and_hit_tokens": read}
+
+
 SIDES = {"p1": ["--parallel", "1", "--no-prompt-cache"]}  # pN: --parallel N (prompt cache on)
 
 
@@ -366,6 +391,8 @@ def main() -> None:
     ap.add_argument("--client-tokens", type=int, default=256)
     ap.add_argument("--chat-turns", type=int, default=10, help="turns of the growing chat (0: skip it)")
     ap.add_argument("--chat-tokens", type=int, default=48)
+    ap.add_argument("--chat-in-process", type=int, default=0, metavar="WORDS",
+                    help="also run the chat in this process (chat_turns_local) with user turns of WORDS words")
     ap.add_argument("--agreement", action="store_true", help="also measure batched/cached vs alone replies in-process")
     ap.add_argument("--agree-prompts", type=int, default=16)
     ap.add_argument("--transformers-cb", action="store_true", help="also run the peer: transformers' continuous batching (CUDA)")
@@ -395,7 +422,7 @@ def main() -> None:
             env["torch"] = torch.__version__
     except ImportError:
         pass
-    if args.agreement or args.max_tokens:
+    if args.agreement or args.max_tokens or args.chat_in_process:
         import phikit
 
         model = phikit.load(args.model, n_ctx=args.n_ctx, **load)
@@ -425,7 +452,11 @@ def main() -> None:
                       "tokens": median(rows, "tokens"), **env}, args.out)
         finally:
             stop_server()
-    if args.agreement or args.max_tokens:
+    if args.chat_in_process:
+        r = chat_turns_local(model, args.chat_turns, args.chat_tokens, args.chat_in_process)
+        emit({"measure": "chat_turns", "side": "in-process p4", "turns": args.chat_turns, **r, "turn1_ttft_s": r["ttft_s"][0],
+              "last_turn_ttft_s": r["ttft_s"][-1], "last_over_first": round(r["ttft_s"][-1] / r["ttft_s"][0], 2), **env}, args.out)
+    if args.agreement or args.max_tokens or args.chat_in_process:
         model.backend.close()
         del model
     for side in args.sides:

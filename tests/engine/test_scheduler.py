@@ -341,3 +341,47 @@ def test_ignore_eos_makes_exactly_max_tokens(smol):
     assert (r.completion_tokens, r.finish_reason) == (40, "length")
     short = smol.generate("Say hi.", SamplingParams(max_tokens=40, temperature=0.0))
     assert short.completion_tokens < 40 and short.finish_reason == "stop"  # the same prompt ends on its own without it
+
+
+def test_llamacpp_short_turn_after_a_long_history_reads_through_tiled_attention(monkeypatch):
+    """A chat turn of fewer than 64 new tokens after a cached history re-reads the history's last tokens, so
+    llama.cpp's flash attention takes its tiled path (backends/llamacpp.py, TILED_ROWS): the step holds 64
+    tokens, each the prompt's own token at its own position (llama.cpp refuses positions that do not follow
+    the sequence's cells), and the next token is the one the row-by-row path picks. (The two paths' log-
+    probabilities differ by up to ~0.4 here, as much as a fresh read's differ from either: no closer check.)"""
+    from phikit.engine.backends import llamacpp
+
+    history = [{"role": "system", "content": SYSTEM * 12}, {"role": "user", "content": "Name a river."},
+               {"role": "assistant", "content": "The Nile is a river in Africa."}]
+    turn = history + [{"role": "user", "content": "And now name a mountain, a lake and a desert of the same "
+                                                  "continent, each with one fact about it, in the order of "
+                                                  "their size, and say which of them you would visit first."}]
+
+    def second_turn(cost: float):
+        monkeypatch.setattr(llamacpp, "ROW_PATH_COST", cost)
+        m = phikit.load()
+        m.backend.enable_batching(2, prompt_cache=True)
+        bm, steps, firsts = m.backend.scheduler.model, [], []
+        forward, sample = bm.forward, bm.sample
+
+        def read(work):  # what llama.cpp was given: (token, position) of each batch entry
+            out = forward(work)
+            b = bm.batch
+            steps.append([(b.token[i], b.pos[i]) for i in range(b.n_tokens)])
+            return out
+
+        bm.forward = read
+        bm.sample = lambda seq, row: (firsts.append(int(bm._row(row).argmax())), sample(seq, row))[1]
+        m.generate(history, max_tokens=1, temperature=0.0)
+        steps.clear(), firsts.clear()
+        m.generate(turn, max_tokens=1, temperature=0.0)
+        ids = m.backend.encode(m.backend.render(turn))
+        m.backend.close()
+        return steps, firsts[0], ids
+
+    steps, tiled, ids = second_turn(llamacpp.ROW_PATH_COST)
+    assert len(steps) == 1 and len(steps[0]) == llamacpp.TILED_ROWS
+    assert steps[0] == [(ids[p], p) for p in range(len(ids) - llamacpp.TILED_ROWS, len(ids))]
+    steps, by_row, _ = second_turn(0.0)  # never re-read: the row-by-row path
+    assert len(steps) == 1 and 1 < len(steps[0]) < llamacpp.TILED_ROWS
+    assert tiled == by_row

@@ -32,6 +32,13 @@ from ..scheduler import BatchModel, best_prefix
 from ..types import Logprob, SamplingParams
 
 PROMPT_LOGITS_SLICE = 64  # prompt tokens evaluated together when their logprobs are asked
+# llama.cpp's CPU flash attention (ggml-cpu/ops.cpp) runs a batch of TILED_ROWS tokens or more as tiled matrix
+# products; a smaller batch visits the cached cells of each query row one at a time, which on an x86 CPU
+# (AVX2, this repo's 2-core machine) did ~ROW_PATH_COST times fewer operations a second than the model's
+# matrix products: a 59-token chat turn after 957 cached tokens waited 0.44-0.58 s for its first token, one
+# of 64 tokens or read with flash attention off 0.26-0.33 s (see LlamaCppBatch.forward).
+TILED_ROWS = 64
+ROW_PATH_COST = 5.0
 BATCHED_TYPE = "q8_0"  # what the embedded model's Q4_1 weights are re-quantised to (see batched_weights)
 
 
@@ -341,6 +348,12 @@ class LlamaCppBatch(BatchModel):
         params.flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
         self.capacity = llama_cpp.llama_n_ctx(self.ctx.ctx)
+        m = llm._model.model
+        n_embd, n_head = llama_cpp.llama_model_n_embd(m), llama_cpp.llama_model_n_head(m)
+        # Operations per query row and cached cell in attention (q.k and p.v over every head of every layer),
+        # and per token in the matrix products (the input embedding is a lookup, not a product).
+        self.cell_ops = 4 * llama_cpp.llama_model_n_layer(m) * n_head * (n_embd // n_head)
+        self.token_ops = 2 * (llama_cpp.llama_model_n_params(m) - be.vocab_size * n_embd)
         self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.batch = llama_cpp.llama_batch_init(self.step_tokens, 0, 1)
         self.free_ids = list(range(self.n_ids - 1))
@@ -380,10 +393,16 @@ class LlamaCppBatch(BatchModel):
 
     def forward(self, work):
         b, n, rows = self.batch, 0, {}
+        again, k = self._reread(work)
         for seq, toks in work:
             end = seq.n_kv + len(toks) == len(seq.tokens)
+            start = seq.n_kv
+            if seq is again:  # its last k cached tokens are read again, before its own (see _reread)
+                start -= k
+                self.lib.llama_memory_seq_rm(self.mem, seq.slot, start, -1)
+                toks = seq.tokens[start : seq.n_kv] + toks
             for j, t in enumerate(toks):
-                if self._put(n, t, seq.n_kv + j, seq.slot, end and j == len(toks) - 1):
+                if self._put(n, t, start + j, seq.slot, end and j == len(toks) - 1):
                     rows[seq.id] = n
                 n += 1
         b.n_tokens = n
@@ -391,6 +410,28 @@ class LlamaCppBatch(BatchModel):
         if rc != 0:
             raise PhikitError(f"llama.cpp could not evaluate the batch (llama_decode returned {rc})")
         return rows
+
+    def _reread(self, work) -> tuple[object, int]:
+        """The sequence whose last cached tokens this step reads again, and how many (None, 0 if none).
+
+        A step with a prompt slice (a chat's next turn after a prompt-cache hit, a long prompt's last chunk)
+        but fewer than TILED_ROWS tokens in all runs llama.cpp's row-by-row flash attention over the slice's
+        whole history. Where that costs more than reading the missing tokens through the matrix products
+        (ROW_PATH_COST x the cells visited, against the tokens' products), the sequence with the longest
+        history reads its last cached tokens again, the same tokens at the same positions, so the step takes
+        the tiled path. The cells they held are dropped first; the cache must have room for them anew, as
+        another sequence may share them."""
+        total = sum(len(t) for _, t in work)
+        slices = [s for s, t in work if len(t) > 1]
+        if total >= TILED_ROWS or not slices:
+            return None, 0
+        seq = max(slices, key=lambda s: s.n_kv)
+        k = TILED_ROWS - total
+        visited = sum(len(t) * (s.n_kv + len(t)) for s, t in work)
+        held = self.cached_tokens() + sum(s.n_kv for s in self.running.values()) + total
+        if seq.n_kv < k or held + k > self.capacity or ROW_PATH_COST * visited * self.cell_ops < k * self.token_ops:
+            return None, 0
+        return seq, k
 
     def sample(self, seq, row):
         tok = self.lib.llama_sampler_sample(seq.sampler.sampler, self.ctx.ctx, row)

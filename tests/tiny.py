@@ -140,3 +140,20 @@ def scripted_model(family: str, replies: list[str], context_length: int = 4096):
 
     be = ScriptedBackend(family, replies, context_length)
     return Model(be, ModelSpec(be.model_name, None, be.fmt.name, context=context_length), load_s=0.0)
+
+
+def make_adapter(base_dir, out, targets, seed=0):
+    """A real PEFT LoRA adapter with non-zero B weights (so it changes the outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return str(out)

@@ -17,29 +17,14 @@ import pytest
 
 from phikit.errors import PhikitError
 
+from tiny import make_adapter
+
 PROMPTS = [
     [{"role": "user", "content": "Hello there, how are you?"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}],
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
 ]
 TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "chatml": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-
-
-def make_adapter(base_dir, out, targets, seed=0):
-    """A real PEFT LoRA adapter with non-zero B weights (so it changes the outputs)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")

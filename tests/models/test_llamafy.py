@@ -170,7 +170,7 @@ FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def split_adapter(converted, tmp_path_factory):
-    from test_export_roundtrip import make_adapter
+    from tiny import make_adapter
 
     return make_adapter(converted["phi-3.5"], tmp_path_factory.mktemp("ad") / "split", SPLIT_TARGETS, seed=1)
 
@@ -219,7 +219,7 @@ def test_split_adapter_merges_into_either_layout(layout, converted, split_adapte
 def test_adapter_rewritten_for_vllm_names_both_ways(sources, converted, split_adapter, tmp_path):
     """split -> fused (for vLLM's Phi3ForCausalLM on the original) and fused -> split (its LlamaForCausalLM on the
     converted dir): each gives the logits the original adapter gives on its own layout."""
-    from test_export_roundtrip import make_adapter
+    from tiny import make_adapter
 
     from phikit.export import export
     from phikit.export.adapter import VLLM_MODULES

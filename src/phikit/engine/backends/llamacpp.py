@@ -36,7 +36,7 @@ PROMPT_LOGITS_SLICE = 64  # prompt tokens evaluated together when their logprobs
 # products; a smaller batch visits the cached cells of each query row one at a time, which on an x86 CPU
 # (AVX2, this repo's 2-core machine) did ~ROW_PATH_COST times fewer operations a second than the model's
 # matrix products: a 59-token chat turn after 957 cached tokens waited 0.44-0.58 s for its first token, one
-# of 64 tokens or read with flash attention off 0.26-0.33 s (see LlamaCppBatch.forward).
+# of 64 tokens or read with flash attention off 0.26-0.33 s (see LlamaCppBatch._reread).
 TILED_ROWS = 64
 ROW_PATH_COST = 5.0
 BATCHED_TYPE = "q8_0"  # what the embedded model's Q4_1 weights are re-quantised to (see batched_weights)
@@ -78,6 +78,12 @@ def batched_weights(spec: ModelSpec) -> str:
         logging.getLogger("phikit").warning("llama.cpp could not re-quantise %s to %s: using it as it is", src, BATCHED_TYPE)
         return src
     tmp.replace(out)  # whole or not at all: a crash leaves only a .tmp-PID file, never a half-written cache
+    for old in out.parent.glob(f"{os.path.basename(src)[:-5]}.*.{BATCHED_TYPE}.gguf"):
+        if old != out:  # the copy of an earlier release of the file (a process still reading it keeps its mapping)
+            try:
+                old.unlink()
+            except OSError:
+                pass
     return str(out)
 
 

@@ -8,7 +8,9 @@
 # new-fp8, new-llama, unsloth.
 # STEPS / WARMUP: timed and untimed steps of each side [8 / 2]; IMPL: the phikit variant of train_speed.py [phikit];
 # LLAMAFY=1: also the new side on the checkpoint converted to the Llama layout (issue 24), side new-llama (built
-# beside the checkpoint, PREBUILD included).
+# beside the checkpoint, PREBUILD included); UNFUSED=1 with it: also side new-llama-unfused (train_speed's
+# phikit-unfused: each split projection its own product).
+# ARGS: more train_speed.py flags for phikit's sides (--profile: one more step's top kernels in each row).
 # SIDES: which of old, new, unsloth run [all three]. FP8=1: also the new side with the base's products in FP8
 # (train_speed's phikit-fp8 variant, issue 23), side new-fp8.
 # `curve` (Phi-4-mini): instead of speed, the loss curves of phikit and phikit-fp8 over CURVE steps [200] of fresh
@@ -66,7 +68,7 @@ for what in "$@"; do
   esac
   ck=/tmp/ck-$size
   [ -e $ck/.built ] || build $size || exit 1
-  args="--impl ${IMPL:-phikit} --path $ck --size $size --seq 2048 --micro-batch $mb --dropout 0 --steps $STEPS --warmup $WARMUP"
+  args="--impl ${IMPL:-phikit} --path $ck --size $size --seq 2048 --micro-batch $mb --dropout 0 --steps $STEPS --warmup $WARMUP ${ARGS:-}"
   SIDES=${SIDES:-old new unsloth}
   [[ $SIDES == *old* ]] && PYTHONPATH=/tmp/bnb timeout 200 python3 $(ls $OLD/benchmarks/speed/train_speed.py $OLD/benchmarks/train_speed.py 2>/dev/null | head -1) $args 2>>$OUT/old-$size.log | row old
   [[ $SIDES == *new* ]] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $args 2>>$OUT/new-$size.log | row new
@@ -74,8 +76,10 @@ for what in "$@"; do
     2>>$OUT/new-fp8-$size.log | row new-fp8
   if [ -n "$LLAMAFY" ]; then  # the same checkpoint in the Llama layout, phikit's new side on it
     [ -e $ck-llama/.built ] || llamafy $ck || exit 1
-    PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py ${args/$ck/$ck-llama} 2>>$OUT/new-llama-$size.log \
-      | row new-llama
+    largs=${args/$ck/$ck-llama}
+    PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $largs 2>>$OUT/new-llama-$size.log | row new-llama
+    [ -n "$UNFUSED" ] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py \
+      ${largs/--impl ${IMPL:-phikit}/--impl phikit-unfused} 2>>$OUT/new-llama-unfused-$size.log | row new-llama-unfused
     rm -rf "$ck-llama"
   fi
   [[ $SIDES == *unsloth* ]] && PYTHONPATH=/tmp/uns:/tmp/bnb timeout 200 python3 .pk/unsloth_train.py --path $ck --size $size --seq 2048 --micro-batch $mb \

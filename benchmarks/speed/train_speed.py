@@ -47,10 +47,10 @@ SHAPES = {
 }
 SHAPES["tiny"] = dict(SHAPES["phi-4-mini"], hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128)
-IMPLS = ("phikit", "phikit-fp8", "phikit-per-tensor", "phikit-bnb-nf4", "phikit-eager", "phikit-no-offload", "stock", "stock-liger")
+IMPLS = ("phikit", "phikit-fp8", "phikit-per-tensor", "phikit-bnb-nf4", "phikit-unfused", "phikit-eager", "phikit-no-offload", "stock", "stock-liger")
 # phikit's sides: the library's default CUDA path (SpeedOptions.for_run) less the speed-ups each one turns off
 VARIANTS = {"phikit": {}, "phikit-fp8": {"fp8": True}, "phikit-per-tensor": {"flat_params": False}, "phikit-bnb-nf4": {"compile_nf4": False},
-            "phikit-eager": {"compile": False}, "phikit-no-offload": {"offload": False, "compile": False, "host_embedding": False}}
+            "phikit-unfused": {"fuse_nf4": False}, "phikit-eager": {"compile": False}, "phikit-no-offload": {"offload": False, "compile": False, "host_embedding": False}}
 
 
 def build_random(path: str, shape: str, max_pos: int) -> None:

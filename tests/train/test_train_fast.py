@@ -387,6 +387,119 @@ def test_compiled_nf4_layers_equal_bitsandbytes_and_share_one_graph(monkeypatch)
         assert torch.equal(torch.autograd.grad(g.float().pow(2).sum(), x)[0], w)
 
 
+def _llama_nf4_layer(dtype=torch.float32):
+    """A transformers Llama decoder layer (hidden 256, 4 heads / 2 KV heads, MLP 512: every split projection
+    holds whole absmax2 blocks, as Phi's do) with NF4 projections (compute in `dtype`) under peft LoRA on all
+    seven, on phikit's fast_lora forward; and its rotary embedding."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from phikit.train.speedups.fast_lora import fast_lora
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    cfg._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(cfg, 0).to(dtype)
+    for parent in (layer.self_attn, layer.mlp):
+        for name, lin in list(parent.named_children()):
+            if isinstance(lin, torch.nn.Linear):
+                m = Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+                m.weight = Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)._quantize("cpu")
+                setattr(parent, name, m)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), layer)
+    fast_lora(layer)
+    return layer, LlamaRotaryEmbedding(cfg)
+
+
+def _fused_against_split(device: str) -> None:
+    """compile_nf4 with and without fuse on two Llama layers (_llama_nf4_layer, fp32) on `device`: the saved
+    weights, the graph count, and the outputs and gradients of both (fp32: summation order only)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from phikit.train.speedups.nf4 import compile_nf4
+
+    def run(fuse: bool):
+        layers = [_llama_nf4_layer() for _ in range(2)]
+        rope = layers[0][1].to(device)
+        layers = [layer.to(device) for layer, _ in layers]
+        assert [compile_nf4(layer, fuse=fuse) for layer in layers] == [7, 7]
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        fn = torch.compile(LlamaDecoderLayer.forward)
+        x = torch.randn(2, 5, 256, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(True)
+        pe = rope(x, torch.arange(5, device=device)[None].expand(2, -1))
+        saved, out = [], []
+        for i, layer in enumerate(layers):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved if i == 0 else []).append(t) or t, lambda t: t):
+                y = fn(layer, x, position_embeddings=pe)
+            y = y[0] if isinstance(y, tuple) else y
+            lora = [p for name, p in layer.named_parameters() if "lora" in name]
+            out.append((y, *torch.autograd.grad(y.pow(2).sum(), [x] + lora)))
+        weights = sorted(tuple(t.shape) for t in saved if t.dim() == 2 and 4 not in t.shape and t.shape[0] != 10)
+        return out, weights, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    split, split_weights, split_graphs = run(False)
+    fused, fused_weights, fused_graphs = run(True)
+    assert split_weights == [(128, 256), (128, 256), (256, 256), (256, 256), (256, 512), (512, 256), (512, 256)]
+    assert fused_weights == [(256, 256), (256, 512), (512, 256), (1024, 256)]  # o, down; q+k+v, gate+up
+    assert split_graphs == fused_graphs == 1
+    for want, got in zip(split, fused):
+        for a, b in zip(want, got):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+def test_fused_sibling_products_equal_the_split_ones():
+    """compile_nf4's fuse (fuse_siblings): in a compiled Llama layer, q/k/v and gate/up each run one product
+    over one dequantised matrix (the backward keeps that matrix, not the parts), with the split products'
+    output and gradients; a sibling called on another tensor multiplies its own weight. One graph still
+    serves every layer."""
+    pytest.importorskip("bitsandbytes")
+    from phikit.train.speedups.nf4 import compile_nf4
+
+    _fused_against_split("cpu")
+
+    # A sibling that reads another tensor than the one the group multiplied takes its own product.
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = _nf4_linear(256, 64), _nf4_linear(256, 64), _nf4_linear(128, 64)
+
+        def forward(self, x):
+            return self.q_proj(x) * self.k_proj(x) + self.v_proj(x * 2).repeat(1, 2)
+
+    attention = Attention()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    want = attention(x)
+    packed = [p.weight.data.clone() for p in (attention.q_proj, attention.k_proj, attention.v_proj)]
+    compile_nf4(attention)
+    assert attention.q_proj.nf4_group == (attention.k_proj, attention.v_proj)
+    # The parts' codes are views of the group's one buffer, unchanged: no memory added, bitsandbytes' path the same.
+    group = attention.q_proj.nf4_group_packed
+    for p, before in zip((attention.q_proj, attention.k_proj, attention.v_proj), packed):
+        assert p.weight.data.untyped_storage().data_ptr() == group.untyped_storage().data_ptr()
+        assert torch.equal(p.weight.data, before)
+    assert torch.equal(attention(x), want)
+    got = torch.compile(Attention.forward)(attention, x)
+    assert float((got - want).abs().max()) <= float(want.abs().max()) * 2**-7  # bf16: an ulp or two; v on x, not 2x: its whole output off
+    assert attention.k_proj.nf4_pending is None and attention.v_proj.nf4_pending is None  # nothing left held
+
+    # Parts whose NF4 blocks do not fill whole absmax2 blocks (64 of 256 here) cannot share one set of codes.
+    odd = Attention()
+    odd.q_proj, odd.k_proj = _nf4_linear(64, 64), _nf4_linear(64, 64)
+    compile_nf4(odd)
+    assert not hasattr(odd.q_proj, "nf4_group")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fused_sibling_products_equal_the_split_ones_on_cuda():
+    pytest.importorskip("bitsandbytes")
+    _fused_against_split("cuda")
+
+
 def test_hash_dropout_keeps_its_rate_and_replays_with_the_generator():
     from phikit.train.speedups.hashed_dropout import _hash_dropout, hash_dropout
 

@@ -5,6 +5,7 @@ switched by one field of `SpeedOptions`, which setup builds from the TrainConfig
     offload         offload.py         decoder layers checkpointed, their inputs in pinned CPU memory
     compile         compiled.py        each offloaded layer through torch.compile, one region for all
     compile_nf4     nf4.py             NF4 dequantised by torch ops inside that region
+    fuse_nf4        nf4.py             there, one product for projections that read one input (q/k/v, gate/up)
     fp8             fp8.py             there, the base's products in FP8 (opt-in)
     fast_lora       fast_lora.py       peft's LoRA layers on a plain forward there, dropout hashed
                     hashed_dropout.py    (the masks a recompute replays from torch's generator)
@@ -34,6 +35,7 @@ class SpeedOptions:
     offload: bool = False  # offload.py (with checkpointing, one process, CUDA)
     compile: bool = False  # the offloaded layers through torch.compile (with offload only)
     compile_nf4: bool = True  # inside compiled layers (nf4.py)
+    fuse_nf4: bool = True  # with compile_nf4, not fp8: split projections of one input share a product (nf4.py)
     fp8: bool = False  # with compile_nf4: the NF4 layers' products in FP8 (fp8.py; opt-in, cfg.fp8)
     fast_lora: bool = True  # inside compiled layers (fast_lora.py, hashed_dropout.py)
     tile_mlp: bool = True  # in offloaded layers, from 32k tokens a micro-batch (tiled_mlp.py)
@@ -92,7 +94,8 @@ def apply(model, layers, options: SpeedOptions) -> Speedups:
         from .offload import offload_checkpointing
 
         made.layers = offload_checkpointing(layers, compile=options.compile, nf4=options.compile_nf4,
-                                            lora=options.fast_lora, tile=options.tile_mlp, fp8=options.fp8)
+                                            lora=options.fast_lora, tile=options.tile_mlp, fp8=options.fp8,
+                                            fuse=options.fuse_nf4)
         if options.host_embedding:
             from .host_embedding import host_embedding
 

@@ -103,12 +103,12 @@ _ANCHOR = torch.empty(0, requires_grad=True)
 
 
 def offload_checkpointing(layers, compile: bool = False, nf4: bool = True, lora: bool = True, tile: bool = True,
-                          fp8: bool = False) -> Compiled | None:
+                          fp8: bool = False, fuse: bool = True) -> Compiled | None:
     """Checkpoint each decoder layer in `layers` with its input offloaded to pinned CPU memory (in place);
     `tile`: the layers' MLPs run tiled for long sequences (tile_mlp); `compile`: each layer runs through
     torch.compile, one compiled region shared by all the layers (they are the same code), with
-    compile_nf4 (`nf4`, its products in FP8 with `fp8`) and fast_lora (`lora`) applied to it. Returns that
-    compiled region, or None.
+    compile_nf4 (`nf4`; its products in FP8 with `fp8`, sibling projections' in one with `fuse`) and
+    fast_lora (`lora`) applied to it. Returns that compiled region, or None.
 
     A layer's forward must take the hidden states first and return a tensor
     (transformers 5 decoder layers do). In eval mode, or without grad, the
@@ -127,7 +127,7 @@ def offload_checkpointing(layers, compile: bool = False, nf4: bool = True, lora:
     shared_seed = DropoutSeed(dev)  # fast_lora's, one for all layers (see DropoutSeed)
     for layer in layers:
         if compile and nf4:
-            compile_nf4(layer, fp8=fp8)
+            compile_nf4(layer, fp8=fp8, fuse=fuse)
         if (compile and lora) or any(getattr(type(m), "_phikit_fast_lora", False) for m in layer.modules()):  # or the caller's
             fast_lora(layer, shared_seed)
             seed = shared_seed

@@ -206,6 +206,14 @@ def concurrent(url: str, name: str, clients: int, n: int, words: int, first: int
             "itl_p50_s": round(percentile(itl, 0.5), 4), "itl_p95_s": round(percentile(itl, 0.95), 4)}
 
 
+CHAT_SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers in detail."}
+
+
+def chat_turn(t: int, words: int) -> dict:
+    """The user's message of the chat's turn t (from 0), of about `words` words."""
+    return {"role": "user", "content": f"Question {t + 1}: {prompt_of(t, words)} What happens next?"}
+
+
 def chat_turns(url: str, name: str, turns: int, n: int, words: int) -> list[float]:
     """Time to first token of each turn of one chat whose history grows (greedy, n tokens a reply)."""
     import asyncio
@@ -213,10 +221,10 @@ def chat_turns(url: str, name: str, turns: int, n: int, words: int) -> list[floa
     import openai
 
     async def run():
-        history, out = [{"role": "system", "content": "You are a helpful assistant who answers in detail."}], []
+        history, out = [CHAT_SYSTEM], []
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
             for t in range(turns):
-                history.append({"role": "user", "content": f"Question {t + 1}: {prompt_of(t, words)} What happens next?"})
+                history.append(chat_turn(t, words))
                 r = await _sdk_stream(client, name, history, n, None)
                 out.append(r["stamps"][0] - r["t0"] if r["stamps"] else float("nan"))
                 history.append({"role": "assistant", "content": r["text"]})
@@ -233,9 +241,9 @@ def chat_turns_local(model, turns: int, n: int, words: int, parallel: int = 4) -
     be.enable_batching(parallel, prompt_cache=True)
     sch, ttft, read = be.scheduler, [], []
     try:
-        history = [{"role": "system", "content": "You are a helpful assistant who answers in detail."}]
+        history = [CHAT_SYSTEM]
         for t in range(turns):
-            history.append({"role": "user", "content": f"Question {t + 1}: {prompt_of(t, words)} What happens next?"})
+            history.append(chat_turn(t, words))
             p0, h0, text, first = sch.prompt_tokens, sch.cache_hit_tokens, "", None
             t0 = time.perf_counter()
             for c in model.stream(history, max_tokens=n, temperature=0):
@@ -422,7 +430,8 @@ def main() -> None:
             env["torch"] = torch.__version__
     except ImportError:
         pass
-    if args.agreement or args.max_tokens or args.chat_in_process:
+    in_process = args.agreement or args.max_tokens or args.chat_in_process  # these load the model here
+    if in_process:
         import phikit
 
         model = phikit.load(args.model, n_ctx=args.n_ctx, **load)
@@ -456,7 +465,7 @@ def main() -> None:
         r = chat_turns_local(model, args.chat_turns, args.chat_tokens, args.chat_in_process)
         emit({"measure": "chat_turns", "side": "in-process p4", "turns": args.chat_turns, **r, "turn1_ttft_s": r["ttft_s"][0],
               "last_turn_ttft_s": r["ttft_s"][-1], "last_over_first": round(r["ttft_s"][-1] / r["ttft_s"][0], 2), **env}, args.out)
-    if args.agreement or args.max_tokens or args.chat_in_process:
+    if in_process:
         model.backend.close()
         del model
     for side in args.sides:

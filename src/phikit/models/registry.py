@@ -25,7 +25,6 @@ def phikit_home() -> Path:
     return Path(os.environ.get("PHIKIT_HOME") or Path.home() / ".phikit")
 
 
-
 @dataclass(frozen=True)
 class ModelSpec:
     name: str

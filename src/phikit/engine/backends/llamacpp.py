@@ -57,8 +57,8 @@ def batched_weights(spec: ModelSpec) -> str:
     src = spec.gguf_file
     if spec.name != DEFAULT_MODEL or not src or src != embedded_gguf() or os.environ.get("PHIKIT_REQUANT", "1") == "0":
         return src
-    st = os.stat(src)
-    out = phikit_home() / "cache" / "gguf" / f"{os.path.basename(src)[:-5]}.{st.st_size}-{int(st.st_mtime)}.{BATCHED_TYPE}.gguf"
+    st, stem = os.stat(src), os.path.basename(src)[:-5]
+    out = phikit_home() / "cache" / "gguf" / f"{stem}.{st.st_size}-{int(st.st_mtime)}.{BATCHED_TYPE}.gguf"
     if out.is_file():
         return str(out)
     import logging
@@ -78,7 +78,7 @@ def batched_weights(spec: ModelSpec) -> str:
         logging.getLogger("phikit").warning("llama.cpp could not re-quantise %s to %s: using it as it is", src, BATCHED_TYPE)
         return src
     tmp.replace(out)  # whole or not at all: a crash leaves only a .tmp-PID file, never a half-written cache
-    for old in out.parent.glob(f"{os.path.basename(src)[:-5]}.*.{BATCHED_TYPE}.gguf"):
+    for old in out.parent.glob(f"{stem}.*.{BATCHED_TYPE}.gguf"):
         if old != out:  # the copy of an earlier release of the file (a process still reading it keeps its mapping)
             try:
                 old.unlink()

@@ -387,10 +387,10 @@ def test_compiled_nf4_layers_equal_bitsandbytes_and_share_one_graph(monkeypatch)
         assert torch.equal(torch.autograd.grad(g.float().pow(2).sum(), x)[0], w)
 
 
-def _llama_nf4_layer(dtype=torch.float32):
+def _llama_nf4_layer(dtype=torch.float32, dropout: float = 0.0):
     """A transformers Llama decoder layer (hidden 256, 4 heads / 2 KV heads, MLP 512: every split projection
     holds whole absmax2 blocks, as Phi's do) with NF4 projections (compute in `dtype`) under peft LoRA on all
-    seven, on phikit's fast_lora forward; and its rotary embedding."""
+    seven (`dropout`), on phikit's fast_lora forward; and its rotary embedding."""
     from bitsandbytes.nn import Linear4bit, Params4bit
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import LlamaConfig
@@ -409,23 +409,37 @@ def _llama_nf4_layer(dtype=torch.float32):
                 m.weight = Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)._quantize("cpu")
                 setattr(parent, name, m)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), layer)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                           lora_dropout=dropout), layer)
     fast_lora(layer)
     return layer, LlamaRotaryEmbedding(cfg)
 
 
-def _fused_against_split(device: str) -> None:
+def _fused_against_split(device: str, dropout: float = 0.0) -> None:
     """compile_nf4 with and without fuse on two Llama layers (_llama_nf4_layer, fp32) on `device`: the saved
-    weights, the graph count, and the outputs and gradients of both (fp32: summation order only)."""
+    weights, the graph count, and the outputs and gradients of both (fp32: summation order only), LoRA's
+    included (fused, each group's LoRA runs as one product too). With `dropout` the split projections of a
+    group hash their masks at one site: the group's one mask is that."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from phikit.train.speedups.nf4 import compile_nf4
+    from phikit.train.speedups.fast_lora import fast_lora
+    from phikit.train.speedups.hashed_dropout import DropoutSeed
+    from phikit.train.speedups.nf4 import SIBLINGS, compile_nf4
 
     def run(fuse: bool):
-        layers = [_llama_nf4_layer() for _ in range(2)]
+        layers = [_llama_nf4_layer(dropout=dropout) for _ in range(2)]
         rope = layers[0][1].to(device)
         layers = [layer.to(device) for layer, _ in layers]
         assert [compile_nf4(layer, fuse=fuse) for layer in layers] == [7, 7]
+        seed = DropoutSeed(device)
+        seed.tensor.fill_(123456789)
+        for layer in layers:
+            fast_lora(layer, seed)
+            for parent in (layer.self_attn, layer.mlp):
+                for names in SIBLINGS:
+                    if hasattr(parent, names[0]):
+                        for name in names[1:]:
+                            getattr(parent, name).phikit_site = getattr(parent, names[0]).phikit_site
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         fn = torch.compile(LlamaDecoderLayer.forward)
@@ -438,13 +452,17 @@ def _fused_against_split(device: str) -> None:
             y = y[0] if isinstance(y, tuple) else y
             lora = [p for name, p in layer.named_parameters() if "lora" in name]
             out.append((y, *torch.autograd.grad(y.pow(2).sum(), [x] + lora)))
-        weights = sorted(tuple(t.shape) for t in saved if t.dim() == 2 and 4 not in t.shape and t.shape[0] != 10)
-        return out, weights, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        shapes = [tuple(t.shape) for t in saved if t.dim() == 2 and t.shape[0] != 10]  # not the 2 x 5 tokens' inputs
+        lora = sorted(s for s in shapes if {4, 8, 12} & set(s))  # rank 4: one layer's; 8, 12: a group's, stacked
+        return out, sorted(s for s in shapes if s not in lora), lora, torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
-    split, split_weights, split_graphs = run(False)
-    fused, fused_weights, fused_graphs = run(True)
+    split, split_weights, split_lora, split_graphs = run(False)
+    fused, fused_weights, fused_lora, fused_graphs = run(True)
     assert split_weights == [(128, 256), (128, 256), (256, 256), (256, 256), (256, 512), (512, 256), (512, 256)]
     assert fused_weights == [(256, 256), (256, 512), (512, 256), (1024, 256)]  # o, down; q+k+v, gate+up
+    # The groups' LoRA as one product each (fast_lora's _group_forward): A stacked, B block-diagonal.
+    assert (12, 256) in fused_lora and (512, 12) in fused_lora and (8, 256) in fused_lora and (1024, 8) in fused_lora
+    assert not any(8 in s or 12 in s for s in split_lora)
     assert split_graphs == fused_graphs == 1
     for want, got in zip(split, fused):
         for a, b in zip(want, got):
@@ -460,6 +478,7 @@ def test_fused_sibling_products_equal_the_split_ones():
     from phikit.train.speedups.nf4 import compile_nf4
 
     _fused_against_split("cpu")
+    _fused_against_split("cpu", dropout=0.3)
 
     # A sibling that reads another tensor than the one the group multiplied takes its own product.
     class Attention(torch.nn.Module):
@@ -498,6 +517,7 @@ def test_fused_sibling_products_equal_the_split_ones():
 def test_fused_sibling_products_equal_the_split_ones_on_cuda():
     pytest.importorskip("bitsandbytes")
     _fused_against_split("cuda")
+    _fused_against_split("cuda", dropout=0.3)
 
 
 def test_hash_dropout_keeps_its_rate_and_replays_with_the_generator():

@@ -56,20 +56,69 @@ def _fast_lora_class(base: type) -> type:
                 for a in self.active_adapters if a in self.lora_A)
 
         def forward(self, x, *args, **kwargs):
+            pending = getattr(self, "lora_pending", None)
+            if pending is not None:  # the group's first layer computed this input's columns (_group_forward)
+                self.lora_pending = None
+                if pending[0] is x and not (args or kwargs):
+                    return pending[1]
             if args or kwargs or not self._plain():
                 return super().forward(x, *args, **kwargs)
+            group = getattr(self, "lora_group", ())
+            if group and torch.compiler.is_compiling() and self._groupable(group):
+                return self._group_forward(x, group)
             result = self.base_layer(x)
             for a in self.active_adapters:
                 if a not in self.lora_A:
                     continue
-                lora_A, lora_B, drop = self.lora_A[a], self.lora_B[a], self.lora_dropout[a]
-                h = x if torch.is_autocast_enabled() else x.to(lora_A.weight.dtype)  # as peft: its dtype without autocast
-                if isinstance(drop, torch.nn.Dropout) and drop.training:
-                    scope = getattr(self, "phikit_dropout", None)
-                    seed = None if scope is None or scope.per_call else self.phikit_seed
-                    h = hash_dropout(h, drop.p, seed, getattr(self, "phikit_site", 0), scope)
-                result = result + lora_B(lora_A(h) * self.scaling[a]).to(result.dtype)
+                h = self._lora_input(x, a)
+                result = result + self.lora_B[a](self.lora_A[a](h) * self.scaling[a]).to(result.dtype)
             return result
+
+        def _lora_input(self, x, a):
+            """x as adapter `a`'s A reads it: in A's dtype without autocast (as peft), through its dropout."""
+            drop = self.lora_dropout[a]
+            h = x if torch.is_autocast_enabled() else x.to(self.lora_A[a].weight.dtype)
+            if isinstance(drop, torch.nn.Dropout) and drop.training:
+                scope = getattr(self, "phikit_dropout", None)
+                seed = None if scope is None or scope.per_call else self.phikit_seed
+                h = hash_dropout(h, drop.p, seed, getattr(self, "phikit_site", 0), scope)
+            return h
+
+        def _groupable(self, group) -> bool:
+            """The group's LoRA fits one product: each layer plain, one active adapter alike, one scaling, one
+            dropout (a rank may differ: B is block-diagonal)."""
+            a = self.active_adapters
+            if len(a) != 1 or not all(getattr(type(m), "_phikit_fast_lora", False) and m._plain() for m in group):
+                return False
+            a, drop = a[0], self.lora_dropout[a[0]]
+            p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+            return all(m.active_adapters == [a] and a in m.lora_A and m.scaling[a] == self.scaling[a]
+                       and m.lora_A[a].weight.dtype == self.lora_A[a].weight.dtype
+                       and (m.lora_dropout[a].p if isinstance(m.lora_dropout[a], torch.nn.Dropout) and m.lora_dropout[a].training else 0.0) == p
+                       for m in group)
+
+        def _group_forward(self, x, group):
+            """The LoRA group's output for `x` in one pass: the base group's one product (nf4.fuse_siblings)
+            plus one LoRA product, A stacked and B block-diagonal, then split; each sibling, called next on
+            the same tensor, returns its columns. Why: a Llama layout's seven LoRA pairs a layer cost the
+            host ~45% more launches than the fused layout's four (phi-4 on the H100, session 38: the GPU
+            work within 1%, the step 2.8% slower); as one product per group the launches are the fused
+            layout's, while each projection keeps its own A and B. The block-diagonal B multiplies zeros,
+            rank x columns a token: under 1% of the base product's work at Phi's ranks and widths.
+            With dropout the group draws one mask (this layer's), as the fused layout's one qkv_proj and
+            gate_up_proj do; split, each projection draws its own."""
+            a = self.active_adapters[0]
+            layers = (self, *group)
+            h = self._lora_input(x, a)
+            A = torch.cat([m.lora_A[a].weight for m in layers])
+            B = torch.block_diag(*(m.lora_B[a].weight for m in layers))
+            lora = torch.nn.functional.linear(torch.nn.functional.linear(h, A) * self.scaling[a], B)
+            y = self.base_layer.group_product(x)
+            y = y + lora.to(y.dtype)
+            mine, *theirs = y.split([m.out_features for m in layers], dim=-1)
+            for m, cols in zip(group, theirs):
+                m.lora_pending = (x, cols)
+            return mine
 
     FastLora.__name__ = FastLora.__qualname__ = f"FastLora{base.__name__}"
     return FastLora

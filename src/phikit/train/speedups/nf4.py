@@ -88,7 +88,9 @@ def fuse_siblings(module: torch.nn.Module) -> int:
     phi-4 13% slower on the H100 (session 35). Exact where every part but the last holds whole absmax2 blocks
     (256 NF4 blocks of 64: every Phi shape); a group that does not is left split.
     The siblings pass their columns through an attribute (`nf4_pending`, cleared when read), which
-    torch.compile traces as a side effect within the layer's graph: the layer's forward is not rewritten."""
+    torch.compile traces as a side effect within the layer's graph: the layer's forward is not rewritten.
+    Where the parts are peft LoRA layers, the first of those gets `lora_group` (its siblings `lora_pending`):
+    fast_lora then adds the group's LoRA products to the group's output in one product as well."""
     groups = 0
     for parent in module.modules():
         for names in SIBLINGS:
@@ -105,6 +107,11 @@ def fuse_siblings(module: torch.nn.Module) -> int:
             parts[0].nf4_group = tuple(parts[1:])
             for m in parts[1:]:
                 m.nf4_pending = None
+            loras = [getattr(parent, name) for name in names]
+            if all(m is not p for m, p in zip(loras, parts)):  # peft LoRA layers over them: one LoRA product too
+                loras[0].lora_group = tuple(loras[1:])
+                for m in loras[1:]:
+                    m.lora_pending = None
             groups += 1
     return groups
 
@@ -173,16 +180,21 @@ def _nf4_class(base: type) -> type:
                 return fp8_linear(x, self.nf4_dequantised(), bias, (self.fp8_rows, self.fp8_cols)).to(dtype)
             if not group:
                 return torch.nn.functional.linear(x, self.nf4_dequantised().to(x.dtype), bias).to(dtype)
-            # The group's one matrix, dequantised in one pass from its shared codes (fuse_siblings).
-            w = _nf4_weight(self.nf4_group_packed, self.nf4_group_absmax_q, self.nf4_group_absmax2, self.nf4_code2,
-                            self.nf4_group_offset, self.nf4_code, *self.nf4_group_meta)
-            if bias is not None:
-                bias = torch.cat([bias] + [m.bias.to(x.dtype) for m in group])
-            y = torch.nn.functional.linear(x, w.to(x.dtype), bias).to(dtype)
-            mine, *theirs = y.split([self.out_features] + [m.out_features for m in group], dim=-1)
+            mine, *theirs = self.group_product(x_in).split([self.out_features] + [m.out_features for m in group], dim=-1)
             for m, cols in zip(group, theirs):
                 m.nf4_pending = (x_in, cols)
             return mine
+
+        def group_product(self, x):
+            """The whole group's output for `x` (its parts' columns side by side), in x's dtype: one product
+            over the group's one matrix, dequantised in one pass from its shared codes (fuse_siblings). Inside
+            torch.compile only; fast_lora's LoRA groups add their own columns before splitting it."""
+            dtype, group = x.dtype, self.nf4_group
+            x = x.to(self.compute_dtype or dtype)
+            w = _nf4_weight(self.nf4_group_packed, self.nf4_group_absmax_q, self.nf4_group_absmax2, self.nf4_code2,
+                            self.nf4_group_offset, self.nf4_code, *self.nf4_group_meta)
+            bias = None if self.bias is None else torch.cat([self.bias] + [m.bias for m in group]).to(x.dtype)
+            return torch.nn.functional.linear(x, w.to(x.dtype), bias).to(dtype)
 
         def nf4_dequantised(self):
             return _nf4_weight(self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax2, self.nf4_code2, self.nf4_offset,

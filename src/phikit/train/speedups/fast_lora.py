@@ -90,12 +90,14 @@ def _fast_lora_class(base: type) -> type:
             a = self.active_adapters
             if len(a) != 1 or not all(getattr(type(m), "_phikit_fast_lora", False) and m._plain() for m in group):
                 return False
-            a, drop = a[0], self.lora_dropout[a[0]]
-            p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+            a = a[0]
             return all(m.active_adapters == [a] and a in m.lora_A and m.scaling[a] == self.scaling[a]
                        and m.lora_A[a].weight.dtype == self.lora_A[a].weight.dtype
-                       and (m.lora_dropout[a].p if isinstance(m.lora_dropout[a], torch.nn.Dropout) and m.lora_dropout[a].training else 0.0) == p
-                       for m in group)
+                       and m._dropout_rate(a) == self._dropout_rate(a) for m in group)
+
+        def _dropout_rate(self, a) -> float:
+            drop = self.lora_dropout[a]
+            return drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
 
         def _group_forward(self, x, group):
             """The LoRA group's output for `x` in one pass: the base group's one product (nf4.fuse_siblings)

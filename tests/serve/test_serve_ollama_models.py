@@ -355,7 +355,8 @@ def test_max_loaded_1_evicts_the_idle_model_never_a_busy_one_and_the_start_model
         assert srv.loaded()[own.name + ":latest"].expires_at.year > datetime.now().year + 50
         assert c.generate(model=own.name, prompt="", keep_alive=0).done_reason == "unload"
         assert srv.loaded() == {}
-        assert _chat(c, own.name, options={"num_predict": 2}) and list(srv.loaded()) == [own.name + ":latest"]
+        # Greedy: a sampled two-token reply to HI is empty in about one case of eight (7 of 60 seeds at 0.8).
+        assert _chat(c, own.name, options={"num_predict": 2, "temperature": 0}) and list(srv.loaded()) == [own.name + ":latest"]
     finally:
         srv.stop()
 

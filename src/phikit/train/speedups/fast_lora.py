@@ -76,12 +76,11 @@ def _fast_lora_class(base: type) -> type:
 
         def _lora_input(self, x, a):
             """x as adapter `a`'s A reads it: in A's dtype without autocast (as peft), through its dropout."""
-            drop = self.lora_dropout[a]
             h = x if torch.is_autocast_enabled() else x.to(self.lora_A[a].weight.dtype)
-            if isinstance(drop, torch.nn.Dropout) and drop.training:
+            if p := self._dropout_rate(a):
                 scope = getattr(self, "phikit_dropout", None)
                 seed = None if scope is None or scope.per_call else self.phikit_seed
-                h = hash_dropout(h, drop.p, seed, getattr(self, "phikit_site", 0), scope)
+                h = hash_dropout(h, p, seed, getattr(self, "phikit_site", 0), scope)
             return h
 
         def _groupable(self, group) -> bool:

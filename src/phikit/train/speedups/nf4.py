@@ -94,7 +94,8 @@ def fuse_siblings(module: torch.nn.Module) -> int:
     groups = 0
     for parent in module.modules():
         for names in SIBLINGS:
-            parts = [_base(getattr(parent, name, None)) for name in names]
+            layers = [getattr(parent, name, None) for name in names]
+            parts = [_base(m) for m in layers]
             if not all(isinstance(m, _nf4_class(_linear4bit())) and not m.nf4_fp8 for m in parts):
                 continue
             if len({(m.nf4_meta[0], m.nf4_meta[1], m.nf4_meta[3], m.compute_dtype, m.in_features, m.bias is None)
@@ -107,10 +108,9 @@ def fuse_siblings(module: torch.nn.Module) -> int:
             parts[0].nf4_group = tuple(parts[1:])
             for m in parts[1:]:
                 m.nf4_pending = None
-            loras = [getattr(parent, name) for name in names]
-            if all(m is not p for m, p in zip(loras, parts)):  # peft LoRA layers over them: one LoRA product too
-                loras[0].lora_group = tuple(loras[1:])
-                for m in loras[1:]:
+            if all(m is not p for m, p in zip(layers, parts)):  # peft LoRA layers over them: one LoRA product too
+                layers[0].lora_group = tuple(layers[1:])
+                for m in layers[1:]:
                     m.lora_pending = None
             groups += 1
     return groups

@@ -1,5 +1,5 @@
 """What re-quantising the embedded model's Q4_1 GGUF to Q8_0 does to its output (llama.cpp backend's
-`batched_weights`): the copy against the shipped file, on text neither was tuned on.
+`embedded_weights`): the copy against the shipped file, on text neither was tuned on.
 
     python benchmarks/quality/gguf_requant.py [--contexts 20] [--type q8_0] [--out benchmarks/results/gguf_requant_cpu.jsonl]
 

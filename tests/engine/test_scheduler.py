@@ -334,6 +334,22 @@ def test_llamacpp_without_its_scheduler_runs_as_before():
     assert m.generate("Say hello.", params).text == before
 
 
+def test_llamacpp_repeated_greedy_requests_get_the_same_text_from_the_prompt_cache():
+    """The second and third asking hit the prompt cache and read only the prompt's end; on llama.cpp that end is two
+    tokens at least, so its last row goes through the products a fresh prompt's does (one row alone rounds
+    differently with the batching copy's bf16 weights: "Say hello." then got another greeting)."""
+    m = phikit.load()
+    m.backend.enable_batching(4, 2048)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    try:
+        for q in ("Say hello.", "What is the capital of France?", "Write a haiku about rain.", "Why do cats purr?"):
+            first = m.generate(q, params).text
+            assert [m.generate(q, params).text for _ in range(2)] == [first, first], q
+        assert m.backend.scheduler.stats()["cache_hit_tokens"] > 0
+    finally:
+        m.backend.close()
+
+
 def test_ignore_eos_makes_exactly_max_tokens(smol):
     """vLLM's ignore_eos: the model's end tokens do not end the reply (benchmarks use it for fixed lengths)."""
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)

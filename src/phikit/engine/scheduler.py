@@ -55,11 +55,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def best_prefix(want: list[int], cached, running) -> tuple[object, int, "Seq | None"]:
+def best_prefix(want: list[int], cached, running, leave: int = 1) -> tuple[object, int, "Seq | None"]:
     """Where a new sequence's KV can start from: (key of the cached prefix to take over, or None; how many of
     `want`'s tokens it gives; the running Seq to share them with, or None). `cached`: (key, tokens) pairs of
     finished sequences' prefixes; `running`: Seqs whose read tokens may be shared. A cached prefix wins a tie
-    (taking it over copies nothing); at least one token of `want` is left to read (its logits are the next sample's)."""
+    (taking it over copies nothing); at least `leave` tokens of `want` are left to read (the last one's logits
+    are the next sample's)."""
     best, n, share = None, 0, None
     for key, toks in cached:
         k = common_prefix(toks, want)
@@ -69,7 +70,7 @@ def best_prefix(want: list[int], cached, running) -> tuple[object, int, "Seq | N
         k = common_prefix(other.tokens[: other.n_kv], want)
         if k > n:
             best, n, share = None, k, other
-    return best, max(0, min(n, len(want) - 1)), share
+    return best, max(0, min(n, len(want) - leave)), share
 
 
 class Seq:

@@ -39,26 +39,48 @@ PROMPT_LOGITS_SLICE = 64  # prompt tokens evaluated together when their logprobs
 # of 64 tokens or read with flash attention off 0.26-0.33 s (see LlamaCppBatch._reread).
 TILED_ROWS = 64
 ROW_PATH_COST = 5.0
-BATCHED_TYPE = "q8_0"  # what the embedded model's Q4_1 weights are re-quantised to (see batched_weights)
+SINGLE_TYPE = "q8_0"  # what the embedded model's Q4_1 weights become for one sequence a step (see embedded_weights)
 
 
-def batched_weights(spec: ModelSpec) -> str:
-    """The GGUF llama.cpp loads for `spec`: for the embedded default, a copy re-quantised to Q8_0 (made once,
-    cached under $PHIKIT_HOME/cache/gguf); any other file as it is. PHIKIT_REQUANT=0 keeps the embedded file too.
+def batch_type() -> str:
+    """What the embedded model's weights become where several sequences decode together: bf16 where llama.cpp's
+    CPU build has native bf16 dot products (AVX512_BF16), else Q8_0.
+
+    Why: llama.cpp's CPU matrix products for quantised weights (Q8_0, Q6_K, Q5_K, Q4_0 alike) take a slower path
+    from two rows up: on this project's 2-core AVX-512 CPU a step of 2 sequences took 2.5x one's, of 4 3.7x
+    (Q8_0: 5.4 / 14 / 20 ms), while bf16 weights, read at the memory's speed, take 7.3 / 9.5 / 12.5 ms: 4
+    sequences make 2.0-2.4x one's tokens instead of 1.1x, and prompts are read faster; one sequence alone is
+    26% slower than from Q8_0 (benchmarks/results/batch_decode_cpu.jsonl, docs/serve.md)."""
+    try:
+        import llama_cpp
+
+        return "bf16" if "AVX512_BF16 = 1" in llama_cpp.llama_print_system_info().decode() else SINGLE_TYPE
+    except Exception:  # an old binding without the call: the type every CPU runs well
+        return SINGLE_TYPE
+
+
+def embedded_weights(spec: ModelSpec, batch: bool = False) -> str:
+    """The GGUF llama.cpp loads for `spec`: for the embedded default, a copy converted by llama.cpp's own quantiser
+    (made once, cached under $PHIKIT_HOME/cache/gguf): SINGLE_TYPE for one sequence a step, batch_type() where
+    `batch` (a server running several requests together); any other file as it is. PHIKIT_REQUANT=0 keeps the
+    embedded file too; PHIKIT_REQUANT=TYPE (q8_0, bf16, ...) makes that copy for every use.
 
     Why: the embedded SmolLM2 ships in Q4_1, for which llama.cpp's x86 CPU kernels have no batched matrix
-    product (no repacked layout, no tinyBLAS path): a prompt of 450 tokens is read at ~150 tokens/s and four
-    sequences decoded together are no faster than one. Q8_0 has both: on this project's 2-core CPU prompts
-    are read 1.9x as fast, four sequences in a step decode 1.4x as fast, one about as fast as before
-    (docs/serve.md). Q8_0's grid is finer than Q4_1's, so a weight moves by at most half a Q8_0 step (1/254
-    of its block's largest); 145 MB instead of 98. A user's own GGUF is never changed behind their back."""
+    product (no repacked layout, no tinyBLAS path): a prompt of 450 tokens was read at ~150 tokens/s and four
+    sequences decoded together were no faster than one. Q8_0 reads prompts ~1.9x as fast and decodes one
+    sequence as fast (docs/serve.md); its grid is finer than Q4_1's, so a weight moves by at most half a Q8_0 step
+    (1/254 of its block's largest); bf16 moves it by at most 1/512 of itself. A user's own GGUF is never
+    changed behind their back."""
     from ...models.registry import DEFAULT_MODEL, embedded_gguf, phikit_home
 
     src = spec.gguf_file
-    if spec.name != DEFAULT_MODEL or not src or src != embedded_gguf() or os.environ.get("PHIKIT_REQUANT", "1") == "0":
+    kind = os.environ.get("PHIKIT_REQUANT", "1")
+    if spec.name != DEFAULT_MODEL or not src or src != embedded_gguf() or kind == "0":
         return src
+    if kind == "1":
+        kind = batch_type() if batch else SINGLE_TYPE
     st, stem = os.stat(src), os.path.basename(src)[:-5]
-    out = phikit_home() / "cache" / "gguf" / f"{stem}.{st.st_size}-{int(st.st_mtime)}.{BATCHED_TYPE}.gguf"
+    out = phikit_home() / "cache" / "gguf" / f"{stem}.{st.st_size}-{int(st.st_mtime)}.{kind}.gguf"
     if out.is_file():
         return str(out)
     import logging
@@ -68,17 +90,20 @@ def batched_weights(spec: ModelSpec) -> str:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only home: the shipped file serves, only slower
-        logging.getLogger("phikit").warning("cannot cache a Q8_0 copy of %s (%s): using it as it is", src, e)
+        logging.getLogger("phikit").warning("cannot cache a %s copy of %s (%s): using it as it is", kind, src, e)
         return src
     tmp = out.with_suffix(f".tmp-{os.getpid()}")
     with suppress_stdout_stderr(disable=False):  # llama.cpp prints a line per tensor
-        failed = not quantize_gguf(src, str(tmp), BATCHED_TYPE)
+        try:
+            failed = not quantize_gguf(src, str(tmp), kind)
+        except ValueError as e:  # PHIKIT_REQUANT names no type llama.cpp knows
+            raise ModelFilesError(f"PHIKIT_REQUANT={kind}: {e}; give 0 (the shipped file), 1 (phikit's choice) or a type") from None
     if failed or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        logging.getLogger("phikit").warning("llama.cpp could not re-quantise %s to %s: using it as it is", src, BATCHED_TYPE)
+        logging.getLogger("phikit").warning("llama.cpp could not re-quantise %s to %s: using it as it is", src, kind)
         return src
     tmp.replace(out)  # whole or not at all: a crash leaves only a .tmp-PID file, never a half-written cache
-    for old in out.parent.glob(f"{stem}.*.{BATCHED_TYPE}.gguf"):
+    for old in out.parent.glob(f"{stem}.*.{kind}.gguf"):
         if old != out:  # the copy of an earlier release of the file (a process still reading it keeps its mapping)
             try:
                 old.unlink()
@@ -138,14 +163,24 @@ def prompt_scores(be: "LlamaCppBackend", ids: list[int], top: int, step: int, ev
     return out
 
 
+def _open(path: str, n_ctx: int, n_threads: int):
+    """A llama_cpp.Llama for the GGUF at `path`."""
+    llama_cpp = require("llama_cpp", "llama-cpp-python", why="GGUF files on the CPU need llama.cpp")
+    try:
+        return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    except ValueError as e:
+        raise ModelFilesError(f"llama.cpp could not load {path}: {e}") from None
+
+
 class LlamaCppBackend(LocalBackend):
     name = "llamacpp"
 
-    def __init__(self, llm, fmt, model_name: str, path: str):
+    def __init__(self, llm, fmt, model_name: str, path: str, spec: ModelSpec | None = None):
         self.llm = llm
         self.fmt = fmt
         self.model_name = model_name
         self.path = path
+        self.spec = spec  # what `load` was given: the embedded model's weights differ by use (embedded_weights)
         # llama.cpp may round its context up; the token buffer keeps the size asked for.
         self.context_length = min(llm.n_ctx(), len(llm.input_ids))
         self.extra_stop_ids = {llm.token_eos()}
@@ -159,20 +194,9 @@ class LlamaCppBackend(LocalBackend):
 
     @classmethod
     def load(cls, spec: ModelSpec, n_ctx: int | None = None, fmt_name: str | None = None, n_threads: int | None = None):
-        llama_cpp = require("llama_cpp", "llama-cpp-python", why="GGUF files on the CPU need llama.cpp")
         n_threads = n_threads or int(os.environ.get("PHIKIT_THREADS", 0)) or os.cpu_count()
-        path = batched_weights(spec)
-        try:
-            llm = llama_cpp.Llama(
-                model_path=path,
-                n_ctx=n_ctx or spec.context or 0,  # 0 = the model's training context
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                verbose=False,
-            )
-        except ValueError as e:
-            raise ModelFilesError(f"llama.cpp could not load {path}: {e}") from None
-        be = cls(llm, None, spec.name, path)
+        path = embedded_weights(spec)
+        be = cls(_open(path, n_ctx or spec.context or 0, n_threads), None, spec.name, path, spec)  # n_ctx 0: the training context
         name = fmt_name or spec.format
         be.fmt = get_format(name) if name else (detect_format(be._specials_present()) or get_format("chatml"))
         return be
@@ -217,7 +241,16 @@ class LlamaCppBackend(LocalBackend):
             return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.vocab_size,))
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(rows, self.vocab_size))
 
+    def _weights(self, batch: bool) -> None:
+        """The embedded model reopened from the copy for `batch` (embedded_weights) where it runs from the other."""
+        path = embedded_weights(self.spec, batch) if self.spec is not None else self.path
+        if path != self.path:
+            llm = _open(path, self.llm.context_params.n_ctx, self.llm.n_threads)
+            self.llm.close()
+            self.llm, self.path = llm, path
+
     def batch_model(self, parallel: int, kv_tokens: int | None):
+        self._weights(batch=parallel > 1)
         bm = LlamaCppBatch(self, parallel, kv_tokens or self.context_length, cache_entries=max(4, parallel))
         # From here every evaluation runs in the batch context: free the single-sequence one's KV cache now rather
         # than hold it unused (the Llama object still tokenises and builds samplers; its own close skips a closed
@@ -226,7 +259,9 @@ class LlamaCppBackend(LocalBackend):
         return bm
 
     def _single(self):
-        """The Llama object, its own context made again if batching freed it."""
+        """The Llama object for the plain loop (no scheduler): on the single-sequence weights, its own context made
+        again if batching freed it."""
+        self._weights(batch=False)
         llm = self.llm
         if llm._ctx.ctx is None:
             from llama_cpp import _internals
@@ -278,8 +313,8 @@ class LlamaCppBackend(LocalBackend):
             return self._last_grammar[1]
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
-        grammar = self._grammar(params.json_schema)
         self._single().set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        grammar = self._grammar(params.json_schema)
         # Evaluate the whole prompt every time: reusing a cached prefix re-runs
         # its last token through the single-token kernels, whose rounding differs
         # from the batched ones, and the same seed would then give another text.
@@ -382,7 +417,11 @@ class LlamaCppBatch(BatchModel):
             self.be.llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
             seq.sampler = self.be.llm._init_sampler(temp=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=0.0,
                                                     repeat_penalty=1.0, grammar=grammar)
-        best, n, share = best_prefix(seq.tokens, self.entries.items(), self.running.values()) if reuse else (None, 0, None)
+        # Two tokens at least are read, so a prompt's last row always goes through the matrix products a fresh
+        # prompt's does: llama.cpp's CPU kernels for one row (a vector product) round differently from those
+        # for several, for bf16 weights (embedded_weights) enough to change a greedy reply, and a repeated
+        # request at temperature 0 must get the text it got the first time.
+        best, n, share = best_prefix(seq.tokens, self.entries.items(), self.running.values(), leave=2) if reuse else (None, 0, None)
         if n > 0 and best is not None:  # a cached prefix: take its id over, drop its cells past the common part
             del self.entries[best]
             self.lib.llama_memory_seq_rm(self.mem, best, n, -1)

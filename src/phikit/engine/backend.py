@@ -97,8 +97,7 @@ class LocalBackend(Backend):
         Returns the scheduler's stats (what a server prints at start)."""
         from .scheduler import Scheduler, SerialBatch
 
-        if self.scheduler is not None:
-            self.scheduler.close()
+        self.close()  # an earlier scheduler and its batch (its cache, and on llama.cpp weights that may be reopened now)
         bm = self.batch_model(parallel, kv_tokens)
         if bm is None:
             bm, parallel = SerialBatch(self), 1

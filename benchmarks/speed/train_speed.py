@@ -126,12 +126,10 @@ def make_phikit(path, args, device):
     The step is the library's own (train.step.Step), with no schedule (a constant learning rate)."""
     import dataclasses
 
-    import torch
-
     from phikit.models.registry import LLAMA_LORA_TARGETS, PHI_LORA_TARGETS, ModelSpec
     from phikit.train.config import make_config
     from phikit.train.loop import prepare_lora
-    from phikit.train.speedups import SpeedOptions, flat_params
+    from phikit.train.speedups import SpeedOptions, autocast as make_autocast, flat_params
     from phikit.train.step import Step, lm_loss
 
     cfg = make_config(lora_r=16, lora_alpha=16, lora_dropout=args.dropout, gradient_checkpointing=True, offload_activations=True,
@@ -142,7 +140,7 @@ def make_phikit(path, args, device):
     targets = LLAMA_LORA_TARGETS if base.config.model_type == "llama" else PHI_LORA_TARGETS
     spec = ModelSpec("random", None, "phi4-mini", lora_targets=targets)
     model, _, made = prepare_lora(base, cfg, spec, "nf4" if device == "cuda" else "none", device, speed)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
+    autocast = make_autocast(device, speed)  # the loop's: bf16 on CUDA, and on a CPU with bf16 dot products
     params = flat_params([p for p in model.parameters() if p.requires_grad], speed)
     opt = optimizer(params, device, args.optim, phikit=True)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from phikit.train import speedups
 from phikit.train.speedups.chunked_ce import ChunkedCE, linear_cross_entropy
 from phikit.train.speedups.flat_params import flat_parameters
 
@@ -63,8 +64,9 @@ def _batch(vocab: int, n: int = 2, seq: int = 40, seed: int = 1):
     return ids, torch.ones_like(ids), lab
 
 
-def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float32, dropout: float = 0.3):
-    """Losses and gradient norms of `steps` LoRA steps on one batch: phikit's path (fast) or transformers + peft's (stock)."""
+def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float32, dropout: float = 0.3, cpu_bf16: bool = False):
+    """Losses and gradient norms of `steps` LoRA steps on one batch: phikit's path (fast) or transformers + peft's (stock);
+    on the CPU with `cpu_bf16`, under the bf16 autocast phikit's loop uses there."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -75,8 +77,7 @@ def _curve(model_dir, device: str, fast: bool, steps: int = 5, dtype=torch.float
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    cuda = device.startswith("cuda")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else __import__("contextlib").nullcontext
+    autocast = speedups.autocast(device, speedups.SpeedOptions(cpu_bf16=cpu_bf16))
     if fast:
         cfg = make_config(lora_dropout=dropout, gradient_checkpointing=True, offload_activations=True, seed=0)
         model, _, made = prepare_lora(model, cfg, ModelSpec("tiny", None, "phi4-mini", lora_targets=PHI_LORA_TARGETS), "none", device)
@@ -113,6 +114,16 @@ def test_fast_path_follows_the_stock_curve_on_cpu(tiny_dirs):
     assert fast_l[-1] < fast_l[0] - 0.05, "the run must learn, or the comparison shows nothing"
     assert fast_l == pytest.approx(stock_l, rel=1e-4)
     assert fast_n == pytest.approx(stock_n, rel=1e-4)
+
+
+def test_cpu_bf16_autocast_follows_the_fp32_curve(tiny_dirs):
+    """The CPU's bf16 autocast (speedups.autocast, on by default where the CPU multiplies bf16 natively) against fp32:
+    the same curve within bf16's rounding (2% a step on this random tiny model), and not the fp32 numbers exactly."""
+    bf16_l, bf16_n = _curve(tiny_dirs["phi4-mini"], "cpu", fast=True, cpu_bf16=True)
+    fp32_l, fp32_n = _curve(tiny_dirs["phi4-mini"], "cpu", fast=True)
+    assert bf16_l[-1] < bf16_l[0] - 0.05
+    assert bf16_l == pytest.approx(fp32_l, rel=2e-2) and bf16_n == pytest.approx(fp32_n, rel=5e-2)
+    assert bf16_l != fp32_l  # the products did run in bf16
 
 
 def test_flat_parameters_accumulate_and_step_like_separate_tensors():
@@ -601,6 +612,10 @@ def test_speed_options_follow_the_config_and_the_device():
     assert cuda.checkpointing and cuda.offload and cuda.compile and cuda.host_embedding and cuda.flat_params and cuda.adamw8bit
     cpu = SpeedOptions.for_run(TrainConfig(), "cpu")
     assert cpu.chunked_ce and cpu.flat_params and not (cpu.checkpointing or cpu.offload or cpu.compile or cpu.adamw8bit)
+    assert cpu.cpu_bf16 == speedups.cpu_multiplies_bf16() and not cuda.cpu_bf16
+    assert SpeedOptions.for_run(TrainConfig(cpu_bf16=True), "cpu").cpu_bf16
+    assert not SpeedOptions.for_run(TrainConfig(cpu_bf16=False), "cpu").cpu_bf16
+    assert not SpeedOptions.for_run(TrainConfig(cpu_bf16=True), "cuda").cpu_bf16
     two = SpeedOptions.for_run(TrainConfig(), "cuda:0", processes=2)
     assert two.checkpointing and not (two.offload or two.compile or two.flat_params or two.host_embedding)
     assert not SpeedOptions.for_run(TrainConfig(compile=False), "cuda").compile

@@ -38,6 +38,7 @@ class TrainConfig:
     group_by_length: bool = True
     gradient_checkpointing: bool | None = None  # None = on for CUDA, off on CPU (where memory is not the limit)
     compile: bool | None = None  # torch.compile each decoder layer (one shared region) on the offloaded path; None = on for CUDA
+    cpu_bf16: bool | None = None  # on the CPU, the matrix products in bf16 under autocast (LoRA weights, optimizer, loss fp32); None = on where the CPU multiplies bf16 natively
     fp8: bool = False  # the frozen base's matrix products in FP8 inside the compiled layers (speedups/fp8.py; GPUs with FP8 tensor cores)
     offload_activations: bool | None = None  # checkpointed layer inputs (and an untied frozen input embedding) wait in CPU memory; None = on with checkpointing on CUDA, one process
     seed: int = 42

@@ -11,7 +11,6 @@ spirit of torchtune and nanochat, so every step a user asks about is in view.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -29,7 +28,7 @@ from .config import TrainConfig, check_config
 from .data import Tokenised, batch_order, collate, expand_facts, file_hash, read_examples, resolve_data_path
 from .distributed import Dist, check_strategy, decoder_layers
 from .logs import TrainLog
-from .speedups import SpeedOptions, flat_params
+from .speedups import SpeedOptions, autocast as make_autocast, flat_params
 from .step import Readback, Step, count_labels, lm_loss, on_device
 
 log = logging.getLogger("phikit")
@@ -79,7 +78,7 @@ def prepare_lora(model, cfg: TrainConfig, spec, quant: str, device: str, speed: 
     prepare_model_for_kbit_training would make them fp32: for Phi-4-mini that is its
     200k x 3072 embedding (1.2 GB more) and an fp32 residual stream (twice the
     activation traffic), while autocast computes the matmuls in bf16 either way.
-    Off CUDA there is no autocast, so the fp32 copies are what the layers compute in.
+    On the CPU the weights are fp32; autocast computes in bf16 where `speed.cpu_bf16` (speedups.autocast).
     """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -299,6 +298,7 @@ class Run:
     state: dict  # step, epoch, micro, tokens, train_s: what a checkpoint saves
     step: Step
     tlog: TrainLog
+    compute: str = "fp32"  # what the matrix products run in: "bf16 autocast" on CUDA, on the CPU with speed.cpu_bf16
 
 
 def setup(cfg: TrainConfig, loaded=None) -> Run:
@@ -345,7 +345,8 @@ def setup(cfg: TrainConfig, loaded=None) -> Run:
 
     speed = SpeedOptions.for_run(cfg, device, dist.world)
     model, targets, made = prepare_lora(model, cfg, spec, quant, device, speed)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else contextlib.nullcontext
+    autocast = make_autocast(device, made.options)
+    compute = "bf16 autocast" if device.startswith("cuda") or made.options.cpu_bf16 else "fp32"
     loss_fn = functools.partial(lm_loss, head_ce=made.head_ce)
     # FSDP replaces the parameters by their shards: shard before the optimizer takes them (DDP wraps after the resume).
     fwd = dist.wrap(model, loss_fn, autocast) if dist.fsdp else None
@@ -378,9 +379,9 @@ def setup(cfg: TrainConfig, loaded=None) -> Run:
     tlog = TrainLog(out, resume_step=state["step"] if cfg.resume else None, enabled=dist.is_main)
     tlog.write(event="start", total_steps=total, train_examples=len(train_items), val_examples=len(val_items),
                truncated=enc.truncated, dropped=enc.dropped, optimizer=opt_note, quant=quant, device=device,
-               trainable_params=n_trainable)
+               compute=compute, trainable_params=n_trainable)
     return Run(cfg, out, dist, device, spec, m, quant, data_path, enc, train_items, val_items, pad_id, targets, model,
-               autocast, loss_fn, fwd, params, optimizer, opt_note, scheduler, total, n_micro, state, step, tlog)
+               autocast, loss_fn, fwd, params, optimizer, opt_note, scheduler, total, n_micro, state, step, tlog, compute)
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None, loaded=None) -> dict:
@@ -471,6 +472,7 @@ def finish(r: Run, val_loss: float | None, val_step: int | None) -> dict:
         "fixes": r.m.fixes,
         "quant": r.quant,
         "device": r.device,
+        "compute": r.compute,
         "processes": dist.world,
         "strategy": cfg.strategy if dist.ddp else None,
         "optimizer": r.opt_note,

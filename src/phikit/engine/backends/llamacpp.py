@@ -47,10 +47,10 @@ def batch_type() -> str:
     CPU build has native bf16 dot products (AVX512_BF16), else Q8_0.
 
     Why: llama.cpp's CPU matrix products for quantised weights (Q8_0, Q6_K, Q5_K, Q4_0 alike) take a slower path
-    from two rows up: on this project's 2-core AVX-512 CPU a step of 2 sequences took 2.5x one's, of 4 3.7x
-    (Q8_0: 5.4 / 14 / 20 ms), while bf16 weights, read at the memory's speed, take 7.3 / 9.5 / 12.5 ms: 4
-    sequences make 2.0-2.4x one's tokens instead of 1.1x, and prompts are read faster; one sequence alone is
-    26% slower than from Q8_0 (benchmarks/results/batch_decode_cpu.jsonl, docs/serve.md)."""
+    from two rows up: on this project's 2-core AVX-512 CPU a step of 1 / 2 / 4 sequences took 5.7 / 14.3 / 21.5 ms
+    from Q8_0, while from bf16 weights, read at the memory's speed, 6.5 / 9.9 / 14.7 ms: 4 sequences make 1.8-2.4x
+    one's tokens (runs differ) instead of 1.05x, and prompts are read faster; one sequence alone is 13-26% slower
+    than from Q8_0 (benchmarks/results/batch_decode_cpu.jsonl, docs/serve.md)."""
     try:
         import llama_cpp
 

@@ -18,6 +18,7 @@ its own reference).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -42,6 +43,7 @@ ROW_PATH_COST = 5.0
 SINGLE_TYPE = "q8_0"  # what the embedded model's Q4_1 weights become for one sequence a step (see embedded_weights)
 
 
+@functools.cache  # a property of the CPU and the llama.cpp build; asking llama.cpp takes ~0.3 ms
 def batch_type() -> str:
     """What the embedded model's weights become where several sequences decode together: bf16 where llama.cpp's
     CPU build has native bf16 dot products (AVX512_BF16), else Q8_0.

@@ -11,6 +11,7 @@ spirit of torchtune and nanochat, so every step a user asks about is in view.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -298,7 +299,7 @@ class Run:
     state: dict  # step, epoch, micro, tokens, train_s: what a checkpoint saves
     step: Step
     tlog: TrainLog
-    compute: str = "fp32"  # what the matrix products run in: "bf16 autocast" on CUDA, on the CPU with speed.cpu_bf16
+    compute: str = "fp32"  # what the matrix products run in: "fp32", or "bf16 autocast" (speedups.autocast)
 
 
 def setup(cfg: TrainConfig, loaded=None) -> Run:
@@ -346,7 +347,7 @@ def setup(cfg: TrainConfig, loaded=None) -> Run:
     speed = SpeedOptions.for_run(cfg, device, dist.world)
     model, targets, made = prepare_lora(model, cfg, spec, quant, device, speed)
     autocast = make_autocast(device, made.options)
-    compute = "bf16 autocast" if device.startswith("cuda") or made.options.cpu_bf16 else "fp32"
+    compute = "fp32" if autocast is contextlib.nullcontext else "bf16 autocast"  # what make_autocast decided
     loss_fn = functools.partial(lm_loss, head_ce=made.head_ce)
     # FSDP replaces the parameters by their shards: shard before the optimizer takes them (DDP wraps after the resume).
     fwd = dist.wrap(model, loss_fn, autocast) if dist.fsdp else None

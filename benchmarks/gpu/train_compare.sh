@@ -11,6 +11,7 @@
 # beside the checkpoint, PREBUILD included); UNFUSED=1 with it: also side new-llama-unfused (train_speed's
 # phikit-unfused: each split projection its own product).
 # ARGS: more train_speed.py flags for phikit's sides (--profile: one more step's top kernels in each row).
+# REPEAT: how many rounds of the sides run on one built checkpoint [1] (rows carry "round").
 # SIDES: which of old, new, unsloth run [all three]. FP8=1: also the new side with the base's products in FP8
 # (train_speed's phikit-fp8 variant, issue 23), side new-fp8.
 # `curve` (Phi-4-mini): instead of speed, the loss curves of phikit and phikit-fp8 over CURVE steps [200] of fresh
@@ -26,12 +27,12 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 echo "$GPU"
 PYTHONPATH=/tmp/bnb:$PWD/src python3 -c "import sys, json; sys.path.insert(0, 'benchmarks/speed'); import train_speed as t; print(json.dumps(t.environment()))" >> "$ROWS" &
 
-row() {  # stdin: a side's stdout; appends its ROW line with the side's name and the GPU's (stderr: $OUT/SIDE-SIZE.log)
+row() {  # stdin: a side's stdout; appends its ROW line with the side's name, the GPU's and the round (stderr: $OUT/SIDE-SIZE.log)
   python3 -c "
 import json, sys
 for line in sys.stdin:
     if line.startswith('ROW '):
-        r = json.loads(line[4:]); r.update(side='$1', gpu='$GPU'); print(json.dumps(r))" | tee -a "$ROWS"
+        r = json.loads(line[4:]); r.update(side='$1', gpu='$GPU', round=${round:-1}); print(json.dumps(r))" | tee -a "$ROWS"
 }
 
 build() {  # the random checkpoint of shape $1 in /tmp/ck-$1 (kept until that shape has run, also across warm calls)
@@ -70,19 +71,21 @@ for what in "$@"; do
   [ -e $ck/.built ] || build $size || exit 1
   args="--impl ${IMPL:-phikit} --path $ck --size $size --seq 2048 --micro-batch $mb --dropout 0 --steps $STEPS --warmup $WARMUP ${ARGS:-}"
   SIDES=${SIDES:-old new unsloth}
-  [[ $SIDES == *old* ]] && PYTHONPATH=/tmp/bnb timeout 200 python3 $(ls $OLD/benchmarks/speed/train_speed.py $OLD/benchmarks/train_speed.py 2>/dev/null | head -1) $args 2>>$OUT/old-$size.log | row old
-  [[ $SIDES == *new* ]] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $args 2>>$OUT/new-$size.log | row new
-  [ -n "$FP8" ] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py ${args/--impl ${IMPL:-phikit}/--impl phikit-fp8} \
-    2>>$OUT/new-fp8-$size.log | row new-fp8
-  if [ -n "$LLAMAFY" ]; then  # the same checkpoint in the Llama layout, phikit's new side on it
-    [ -e $ck-llama/.built ] || llamafy $ck || exit 1
-    largs=${args/$ck/$ck-llama}
-    PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $largs 2>>$OUT/new-llama-$size.log | row new-llama
-    [ -n "$UNFUSED" ] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py \
-      ${largs/--impl ${IMPL:-phikit}/--impl phikit-unfused} 2>>$OUT/new-llama-unfused-$size.log | row new-llama-unfused
-    rm -rf "$ck-llama"
-  fi
-  [[ $SIDES == *unsloth* ]] && PYTHONPATH=/tmp/uns:/tmp/bnb timeout 200 python3 .pk/unsloth_train.py --path $ck --size $size --seq 2048 --micro-batch $mb \
-    --dropout 0 --steps $STEPS --warmup $WARMUP 2>>$OUT/unsloth-$size.log | row unsloth
+  for round in $(seq ${REPEAT:-1}); do
+    [[ $SIDES == *old* ]] && PYTHONPATH=/tmp/bnb timeout 200 python3 $(ls $OLD/benchmarks/speed/train_speed.py $OLD/benchmarks/train_speed.py 2>/dev/null | head -1) $args 2>>$OUT/old-$size.log | row old
+    [[ $SIDES == *new* ]] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $args 2>>$OUT/new-$size.log | row new
+    [ -n "$FP8" ] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py ${args/--impl ${IMPL:-phikit}/--impl phikit-fp8} \
+      2>>$OUT/new-fp8-$size.log | row new-fp8
+    if [ -n "$LLAMAFY" ]; then  # the same checkpoint in the Llama layout, phikit's new side on it
+      [ -e $ck-llama/.built ] || llamafy $ck || exit 1
+      largs=${args/$ck/$ck-llama}
+      PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py $largs 2>>$OUT/new-llama-$size.log | row new-llama
+      [ -n "$UNFUSED" ] && PYTHONPATH=/tmp/bnb:$PWD/src timeout 200 python3 benchmarks/speed/train_speed.py \
+        ${largs/--impl ${IMPL:-phikit}/--impl phikit-unfused} 2>>$OUT/new-llama-unfused-$size.log | row new-llama-unfused
+    fi
+    [[ $SIDES == *unsloth* ]] && PYTHONPATH=/tmp/uns:/tmp/bnb timeout 200 python3 .pk/unsloth_train.py --path $ck --size $size --seq 2048 --micro-batch $mb \
+      --dropout 0 --steps $STEPS --warmup $WARMUP 2>>$OUT/unsloth-$size.log | row unsloth
+  done
+  rm -rf "$ck-llama"
   rm -rf "$ck"
 done

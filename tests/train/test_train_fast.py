@@ -270,35 +270,6 @@ def test_offloaded_and_tiled_gradients_match_the_loss_they_report(tiny_dirs, com
     assert (values[0] - values[1]) / (2 * eps) == pytest.approx(slope, rel=5e-3)
 
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_compiled_layers_take_batches_of_any_shape_in_three_graphs(tiny_dirs, dynamic):
-    """Question/answer data comes in micro-batches of many lengths and a short last one. Compiled with
-    `dynamic` (what setup picks for such data) the layers make three graphs whatever the shapes (the no-grad
-    forward, the recompute, a first layer whose input needs no gradient) and give the eager loss and gradients;
-    left to torch's automatic dynamic shapes they recompiled per changing dimension, up to torch's limit of 8."""
-    from torch._dynamo.utils import counters
-
-    from phikit.train.speedups.offload import offload_checkpointing
-
-    torch._dynamo.reset()
-    counters.clear()
-    shapes = [(2, 24), (3, 31), (2, 17), (3, 29), (2, 40)]  # (a batch of one row would be apart: torch specialises 1)
-    models = [_lora_model(tiny_dirs["phi4-mini"], dropout=0.0, dtype=torch.float32) for _ in range(2)]
-    for m, compile in zip(models, (True, False)):
-        offload_checkpointing(m.get_base_model().model.layers, compile=compile, dynamic=dynamic)
-    for i, (n, seq) in enumerate(shapes):
-        batch = _batch(models[0].config.vocab_size, n=n, seq=seq, seed=i)
-        (loss, _, grads), (want, _, want_grads) = (_loss_and_grads(m, batch) for m in models)
-        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, want_grads))
-    graphs = counters["stats"]["unique_graphs"]
-    if dynamic:
-        assert graphs == 3
-    else:
-        assert graphs > 3  # what the option is for: each new shape compiled again
-    torch._dynamo.reset()
-
-
 @needs_cuda
 def test_compiled_layers_give_eager_gradients_on_cuda(tiny_dirs):
     """On CUDA (fp32, dropout on), the compiled offloaded layers give the eager path's loss and gradients:
@@ -649,8 +620,6 @@ def test_speed_options_follow_the_config_and_the_device():
     assert two.checkpointing and not (two.offload or two.compile or two.flat_params or two.host_embedding)
     assert not SpeedOptions.for_run(TrainConfig(compile=False), "cuda").compile
     assert not SpeedOptions.for_run(TrainConfig(optimizer="adamw"), "cuda").adamw8bit
-    assert not cuda.dynamic and SpeedOptions.for_run(TrainConfig(), "cuda:0", shapes_vary=True).dynamic
-    assert not SpeedOptions.for_run(TrainConfig(), "cpu", shapes_vary=True).dynamic  # nothing compiled there
     with pytest.raises(PhikitError, match="one process"):
         SpeedOptions.for_run(TrainConfig(offload_activations=True), "cuda", processes=2)
 

@@ -344,8 +344,7 @@ def setup(cfg: TrainConfig, loaded=None) -> Run:
     if enc.truncated:
         log.warning("%d example(s) longer than max_seq=%d: context truncated (answers kept); %d dropped", enc.truncated, cfg.max_seq, enc.dropped)
 
-    shapes_vary = len({len(i) for i, _ in train_items}) > 1 or len(train_items) % cfg.micro_batch > 0
-    speed = SpeedOptions.for_run(cfg, device, dist.world, shapes_vary=shapes_vary)
+    speed = SpeedOptions.for_run(cfg, device, dist.world)
     model, targets, made = prepare_lora(model, cfg, spec, quant, device, speed)
     autocast = make_autocast(device, made.options)
     compute = "fp32" if autocast is contextlib.nullcontext else "bf16 autocast"  # what make_autocast decided

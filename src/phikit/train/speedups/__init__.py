@@ -35,7 +35,6 @@ class SpeedOptions:
     checkpointing: bool = False  # activation checkpointing (transformers' own, unless offload)
     offload: bool = False  # offload.py (with checkpointing, one process, CUDA)
     compile: bool = False  # the offloaded layers through torch.compile (with offload only)
-    dynamic: bool = False  # with compile: the layers compiled for any batch and sequence length (the data's vary)
     compile_nf4: bool = True  # inside compiled layers (nf4.py)
     fuse_nf4: bool = True  # with compile_nf4, not fp8: split projections of one input share a product (nf4.py)
     fp8: bool = False  # with compile_nf4: the NF4 layers' products in FP8 (fp8.py; opt-in, cfg.fp8)
@@ -48,11 +47,9 @@ class SpeedOptions:
     cpu_bf16: bool = False  # on the CPU, autocast's bf16 products (`autocast`); CUDA runs under bf16 autocast always
 
     @classmethod
-    def for_run(cls, cfg, device: str, processes: int = 1, shapes_vary: bool = False) -> "SpeedOptions":
+    def for_run(cls, cfg, device: str, processes: int = 1) -> "SpeedOptions":
         """What `cfg` (a TrainConfig) asks for on `device` with `processes` processes: each None setting on where
-        it pays (CUDA, one process). `shapes_vary`: the micro-batches come in more than one shape (rows of
-        several lengths, a short last batch), so the compiled layers are compiled for any shape (`dynamic`).
-        Raises PhikitError for offloading asked for with several processes."""
+        it pays (CUDA, one process). Raises PhikitError for offloading asked for with several processes."""
         cuda = device.startswith("cuda")
         gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda
         offload = gc and (cfg.offload_activations if cfg.offload_activations is not None else cuda and processes == 1)
@@ -64,7 +61,7 @@ class SpeedOptions:
             raise PhikitError("--fp8 runs inside the compiled layers: it needs CUDA, one process, gradient checkpointing "
                               "with offloaded activations and --compile (the defaults on one GPU); leave --fp8 off otherwise")
         cpu_bf16 = not cuda and (cfg.cpu_bf16 if cfg.cpu_bf16 is not None else cpu_multiplies_bf16())
-        return cls(checkpointing=gc, offload=offload, compile=compile, dynamic=compile and shapes_vary, fp8=cfg.fp8, host_embedding=offload, flat_params=processes == 1,
+        return cls(checkpointing=gc, offload=offload, compile=compile, fp8=cfg.fp8, host_embedding=offload, flat_params=processes == 1,
                    adamw8bit=cuda and cfg.optimizer in ("auto", "adamw8bit"), cpu_bf16=cpu_bf16)
 
 
@@ -123,7 +120,7 @@ def apply(model, layers, options: SpeedOptions) -> Speedups:
     if options.offload:
         from .offload import offload_checkpointing
 
-        made.layers = offload_checkpointing(layers, compile=options.compile, dynamic=options.dynamic, nf4=options.compile_nf4,
+        made.layers = offload_checkpointing(layers, compile=options.compile, nf4=options.compile_nf4,
                                             lora=options.fast_lora, tile=options.tile_mlp, fp8=options.fp8,
                                             fuse=options.fuse_nf4)
         if options.host_embedding:

@@ -103,11 +103,10 @@ _ANCHOR = torch.empty(0, requires_grad=True)
 
 
 def offload_checkpointing(layers, compile: bool = False, nf4: bool = True, lora: bool = True, tile: bool = True,
-                          fp8: bool = False, fuse: bool = True, dynamic: bool = False) -> Compiled | None:
+                          fp8: bool = False, fuse: bool = True) -> Compiled | None:
     """Checkpoint each decoder layer in `layers` with its input offloaded to pinned CPU memory (in place);
     `tile`: the layers' MLPs run tiled for long sequences (tile_mlp); `compile`: each layer runs through
-    torch.compile, one compiled region shared by all the layers (they are the same code; `dynamic`: for any
-    batch and sequence length, see below), with
+    torch.compile, one compiled region shared by all the layers (they are the same code), with
     compile_nf4 (`nf4`; its products in FP8 with `fp8`, sibling projections' in one with `fuse`) and
     fast_lora (`lora`) applied to it. Returns that compiled region, or None.
 
@@ -124,14 +123,7 @@ def offload_checkpointing(layers, compile: bool = False, nf4: bool = True, lora:
     # fallback_random: dropout in the compiled layers draws from torch's own generator, as eager does. Inductor's
     # own random numbers differ between the no-grad forward graph and the recompute's training graph, so the
     # recompute would draw other masks than the forward and the gradient would not be the loss's (tested).
-    # dynamic: the region is entered in three ways a shape (the no-grad forward, the recompute, and a first layer
-    # whose input needs no gradient), each its own graph. Left to torch's automatic dynamic shapes, data whose
-    # micro-batches vary (short question/answer rows of many lengths, a short last batch) compiled the layer
-    # three times more per dimension that changed, and past torch's limit of 8 graphs it ran eagerly: the facts
-    # recipe on a Phi-4-mini shape spent most of its 136 s compiling (docs/train.md). Compiled for any shape
-    # from the start, it is three graphs (three more for a batch of one row, a size torch specialises). Fixed-shape data (packed 2,048-token rows) keeps the static graphs.
-    compiled = Compiled(type(layers[0]).forward, dynamic=True if dynamic else None,
-                        options={"fallback_random": True}) if compile else None
+    compiled = Compiled(type(layers[0]).forward, options={"fallback_random": True}) if compile else None
     shared_seed = DropoutSeed(dev)  # fast_lora's, one for all layers (see DropoutSeed)
     for layer in layers:
         if compile and nf4:

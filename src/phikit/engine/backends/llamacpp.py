@@ -183,6 +183,7 @@ class LlamaCppBackend(LocalBackend):
         self.model_name = model_name
         self.path = path
         self.spec = spec  # what `load` was given: the embedded model's weights differ by use (embedded_weights)
+        self.batch_weights = False  # whether `llm` runs from the copy for batching (`load` opens the single-sequence one)
         # llama.cpp may round its context up; the token buffer keeps the size asked for.
         self.context_length = min(llm.n_ctx(), len(llm.input_ids))
         self.extra_stop_ids = {llm.token_eos()}
@@ -244,7 +245,11 @@ class LlamaCppBackend(LocalBackend):
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(rows, self.vocab_size))
 
     def _weights(self, batch: bool) -> None:
-        """The embedded model reopened from the copy for `batch` (embedded_weights) where it runs from the other."""
+        """The embedded model reopened from the copy for `batch` (embedded_weights) where it runs from the other.
+        Looked up only when `batch` changes: `_single` asks on every plain request, and the lookup stats files."""
+        if batch == self.batch_weights:
+            return
+        self.batch_weights = batch
         path = embedded_weights(self.spec, batch) if self.spec is not None else self.path
         if path != self.path:
             llm = _open(path, self.llm.context_params.n_ctx, self.llm.n_threads)

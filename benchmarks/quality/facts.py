@@ -46,7 +46,7 @@ SQUAD = ROOT.parent / "shared" / "data" / "squad_v2" / "eval.json"
 # the recipe settings a flag here overrides, and their types
 OVERRIDES = (("epochs", float), ("lr", float), ("fact_paraphrases", int), ("replay", int), ("replay_grounded", int),
              ("micro_batch", int), ("lora_r", int), ("lora_alpha", int), ("lora_dropout", float), ("lora_layers", int),
-             ("cpu_bf16", lambda v: {"true": True, "false": False}[v.lower()]))
+             ("seed", int), ("cpu_bf16", lambda v: {"true": True, "false": False}[v.lower()]))
 
 
 def main() -> None:
@@ -120,7 +120,7 @@ def main() -> None:
     row = {
         "measure": "summary",
         "recipe": {k: getattr(cfg, k) for k in ("recipe", "lr", "epochs", "micro_batch", "grad_accum", "fact_paraphrases", "replay", "replay_grounded",
-                                                 "lora_r", "lora_alpha", "lora_dropout", "lora_layers", "max_seq")},
+                                                 "lora_r", "lora_alpha", "lora_dropout", "lora_layers", "max_seq", "seed")},
         "train_examples": summary["data"]["train_examples"], "steps": summary["steps"], "tokens": summary["tokens"],
         "final_train_loss": summary["final_train_loss"], "compute": summary["compute"],
         "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1), "train_cpu_min": round(train_cpu / 60, 2),

@@ -249,12 +249,12 @@ class LlamaCppBackend(LocalBackend):
         Looked up only when `batch` changes: `_single` asks on every plain request, and the lookup stats files."""
         if batch == self.batch_weights:
             return
-        self.batch_weights = batch
         path = embedded_weights(self.spec, batch) if self.spec is not None else self.path
         if path != self.path:
             llm = _open(path, self.llm.context_params.n_ctx, self.llm.n_threads)
             self.llm.close()
             self.llm, self.path = llm, path
+        self.batch_weights = batch  # only once the copy is open: a failed lookup or open is tried again next time
 
     def batch_model(self, parallel: int, kv_tokens: int | None):
         self._weights(batch=parallel > 1)
